@@ -1,0 +1,1 @@
+"""Noise2Noise training (see cryoden.train.__main__)."""
