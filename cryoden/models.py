@@ -249,9 +249,7 @@ class Affine(nn.Module):
     @nn.compact
     def __call__(self, x):
         s = self.size
-        conv = nn.Conv(
-            1, (s, s), padding=[(s // 2, s // 2)] * 2, dtype=self.dtype, name="filter"
-        )
+        conv = nn.Conv(1, (s, s), padding=[(s // 2, s // 2)] * 2, dtype=self.dtype, name="filter")
         return conv(x.astype(self.dtype)).astype(jnp.float32)
 
 

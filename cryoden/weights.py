@@ -35,15 +35,15 @@ class WeightsError(ValueError):
     """A weights file or model name that cannot be used."""
 
 
-def flatten(params: dict, prefix: str = "params") -> dict[str, np.ndarray]:
-    """Nested params dict -> ``{'params/enc1/conv0/kernel': array}``."""
+def flatten(params: dict, prefix: str = "params") -> dict[str, Any]:
+    """Nested params dict -> ``{'params/enc1/conv0/kernel': leaf}`` (leaves unchanged)."""
     out = {}
     for k, v in params.items():
         key = f"{prefix}/{k}"
         if isinstance(v, dict) or hasattr(v, "items"):
             out.update(flatten(dict(v), key))
         else:
-            out[key] = np.asarray(v, dtype=np.float32)
+            out[key] = v
     return out
 
 
@@ -70,7 +70,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 def save(path: str | os.PathLike, params: dict, spec: ModelSpec, **meta: Any) -> None:
     """Write ``params`` for ``spec`` atomically (temp file in the same directory, then rename)."""
     path = Path(path)
-    arrays = flatten(params)
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in flatten(params).items()}
     info = {"format": FORMAT, "version": VERSION, "spec": spec.to_dict(), **meta}
     arrays["__meta__"] = np.array(json.dumps(info, sort_keys=True))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,8 +98,10 @@ def read(path: str | os.PathLike) -> tuple[dict, ModelSpec, dict]:
         raise WeightsError(f"{path}: not a cryoden weights file (no __meta__ record)")
     meta = json.loads(str(flat.pop("__meta__")))
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise WeightsError(f"{path}: unsupported weights format {meta.get('format')!r} "
-                           f"version {meta.get('version')!r}")
+        raise WeightsError(
+            f"{path}: unsupported weights format {meta.get('format')!r} "
+            f"version {meta.get('version')!r}"
+        )
     spec = ModelSpec.from_dict(meta["spec"])
     params = unflatten(flat)
     check_params(params, spec, where=str(path))
@@ -117,12 +119,16 @@ def check_params(params: dict, spec: ModelSpec, where: str = "params") -> None:
     missing = sorted(set(want) - set(got))
     extra = sorted(set(got) - set(want))
     if missing or extra:
-        raise WeightsError(f"{where}: parameters do not match {spec}: "
-                           f"missing {missing[:4]}, unexpected {extra[:4]}")
+        raise WeightsError(
+            f"{where}: parameters do not match {spec}: "
+            f"missing {missing[:4]}, unexpected {extra[:4]}"
+        )
     for k, v in want.items():
-        if tuple(got[k].shape) != tuple(v.shape):
-            raise WeightsError(f"{where}: {k} has shape {tuple(got[k].shape)}, "
-                               f"expected {tuple(v.shape)} for {spec}")
+        if tuple(np.shape(got[k])) != tuple(v.shape):
+            raise WeightsError(
+                f"{where}: {k} has shape {tuple(np.shape(got[k]))}, "
+                f"expected {tuple(v.shape)} for {spec}"
+            )
 
 
 # ----------------------------------------------------------------------------- pretrained
@@ -164,8 +170,10 @@ def resolve(model: str | os.PathLike) -> tuple[Path, str | None]:
     for m in manifest():
         if s == m["name"] or s in m.get("aliases", []):
             return pretrained_dir() / m["file"], m["sha256"]
-    raise WeightsError(f"{s}: no such model file, run directory or pretrained model name "
-                       f"(known names: {', '.join(pretrained_names())})")
+    raise WeightsError(
+        f"{s}: no such model file, run directory or pretrained model name "
+        f"(known names: {', '.join(pretrained_names())})"
+    )
 
 
 def load(model: str | os.PathLike) -> tuple[dict, ModelSpec, dict]:
@@ -174,6 +182,8 @@ def load(model: str | os.PathLike) -> tuple[dict, ModelSpec, dict]:
     if sha is not None:
         got = sha256_file(path)
         if got != sha:
-            raise WeightsError(f"{path}: sha256 {got} does not match the manifest ({sha}); "
-                               f"the pretrained weights file is corrupt")
+            raise WeightsError(
+                f"{path}: sha256 {got} does not match the manifest ({sha}); "
+                f"the pretrained weights file is corrupt"
+            )
     return read(path)

@@ -1,0 +1,270 @@
+"""Denoise micrographs and tomograms: global normalisation, exact stride-aligned tiling, jitted
+fixed-shape tile kernel spread over all local devices.
+
+Semantics (DESIGN.md §2b, §4). The image is normalised once, globally: ``x = (m - mean) / std``
+(std with Bessel's correction, which is what Topaz's two nested normalisations amount to). By
+default the normalised image is zero-padded at the high end of each axis up to a multiple of the
+network stride, run, and cropped: this is exactly Topaz's whole-image output whenever the size is
+already a multiple of the stride, and it is translation-consistent, so stride-aligned tiles with
+margins >= the receptive field reproduce it exactly (2D default). ``topaz_compat=True`` runs the
+unpadded whole image with torch's odd-size up-sampling rule instead: Topaz's numbers at any size,
+without tiling. Output is restored to ``y * std + mean`` unless ``normalize=True``.
+
+Usage::
+
+    import cryoden
+    y = cryoden.denoise(micrograph)                       # (H, W) -> (H, W) float32, model 'unet'
+    v = cryoden.denoise(tomogram, model="unet-3d-20a")    # (D, H, W)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cryoden import filters, tiling, weights
+from cryoden.models import ModelSpec, build_model
+
+DEFAULT_MODEL = {2: "unet", 3: "unet-3d"}
+# 3D tiles are not exact by default (an exact margin of ~160 voxels per side multiplies the cost
+# several times over); 32 voxels with global normalisation and stride-aligned tiles already has
+# a smaller seam error than Topaz's 96 + 48 tiles: see docs/benchmarks.md.
+DEFAULT_PADDING_3D = 32
+# XLA temporaries per pixel of the U-net forward (measured with compiled.memory_analysis():
+# 644 B/px for every U-net, 2D and 3D), plus input and output.
+BYTES_PER_PIXEL = {"unet": 660, "unet-small": 660, "fcnn": 530, "affine": 16}
+
+
+@dataclasses.dataclass
+class _Net:
+    """A loaded model: spec, parameters replicated on the mesh, and its jitted tile kernel."""
+
+    name: str
+    spec: ModelSpec
+    params: Any
+    kernel: Callable
+    traces: list  # one entry per trace of the kernel (a compile per new tile shape)
+
+
+def memory_budget(device: jax.Device) -> int:
+    """Bytes a tile batch may use on ``device``: env ``CRYODEN_MEMORY_BUDGET`` (bytes, or with a
+    K/M/G suffix), else 60% of an accelerator's memory limit, else 40% of host RAM."""
+    env = os.environ.get("CRYODEN_MEMORY_BUDGET")
+    if env:
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        mult = units.get(env[-1].upper(), 1)
+        return int(float(env[:-1] if env[-1].upper() in units else env) * mult)
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(0.6 * stats["bytes_limit"])
+    return int(0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+class Denoiser:
+    """Loaded models plus compiled kernels, reusable across images of one dimensionality.
+
+    models: None (``unet`` for 2D, ``unet-3d`` for 3D), a pretrained name, a weights file, a
+    training run directory, or a list of them (outputs averaged). ndim: 2 or 3. dtype: compute
+    dtype (``float32`` or ``bfloat16``). devices: defaults to all local devices.
+    Raises ``weights.WeightsError`` (a ValueError) for a missing or unusable model.
+    """
+
+    def __init__(
+        self,
+        models: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        *,
+        ndim: int = 2,
+        dtype: str | Any = "float32",
+        devices: Sequence[jax.Device] | None = None,
+    ):
+        if ndim not in (2, 3):
+            raise ValueError(f"ndim must be 2 or 3, got {ndim}")
+        if models is None:
+            models = [DEFAULT_MODEL[ndim]]
+        elif isinstance(models, (str, os.PathLike)):
+            models = [models]
+        if not models:
+            raise ValueError("no model given")
+        self.ndim = ndim
+        self.dtype = jnp.dtype(dtype)
+        self.devices = list(devices) if devices is not None else jax.local_devices()
+        self.mesh = Mesh(np.array(self.devices), ("tiles",))
+        self.tile_sharding = NamedSharding(self.mesh, P("tiles"))
+        self.nets = [self._load(m) for m in models]
+        self.stride = max(n.spec.stride for n in self.nets)
+        self.halo = max(n.spec.halo for n in self.nets)
+
+    def _load(self, model) -> _Net:
+        params, spec, _ = weights.load(model)
+        if spec.ndim != self.ndim:
+            raise weights.WeightsError(
+                f"{model}: a {spec.ndim}D model cannot denoise {self.ndim}D data"
+            )
+        module = build_model(spec, dtype=self.dtype)
+        traces: list = []
+
+        def apply(p, x):
+            traces.append(x.shape)  # runs at trace time only: counts compilations
+            return module.apply({"params": p}, x)
+
+        params = jax.device_put(params, NamedSharding(self.mesh, P()))
+        return _Net(str(model), spec, params, jax.jit(apply), traces)
+
+    @property
+    def compilations(self) -> int:
+        """Kernel traces so far, over all models (one per model and tile-batch shape)."""
+        return sum(len(n.traces) for n in self.nets)
+
+    # ------------------------------------------------------------------ public entry point
+
+    def __call__(
+        self,
+        x: np.ndarray,
+        *,
+        patch_size: int | None = None,
+        padding: int | None = None,
+        batch_size: int | None = None,
+        normalize: bool = False,
+        topaz_compat: bool = False,
+        lowpass: float = 1.0,
+        gaussian: float = 0.0,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """Denoise ``x: (H, W)`` (2D) or ``(D, H, W)`` (3D) -> float32 of the same shape.
+
+        patch_size: kept core of each tile in px (tile = core + 2 * padding, rounded up to the
+        stride); None chooses the largest tile the memory budget allows (the whole image when
+        it fits). padding: margin per tile side; None is the receptive field in 2D (exact) and
+        ``DEFAULT_PADDING_3D`` in 3D. batch_size: tiles per device per call (default 1).
+        lowpass: hard low-pass binning factor applied first; gaussian: sigma in px, applied to
+        the normalised input in 2D and to the output in 3D (Topaz's conventions).
+        """
+        x = np.asarray(x)
+        if x.ndim != self.ndim:
+            raise ValueError(f"expected a {self.ndim}D array, got shape {x.shape}")
+        if x.size == 0:
+            raise ValueError(f"empty image of shape {x.shape}")
+        bad = int(np.count_nonzero(~np.isfinite(x))) if x.dtype.kind == "f" else 0
+        if bad:
+            raise ValueError(f"image contains {bad} NaN/Inf pixel(s)")
+        if topaz_compat and (patch_size is not None or padding is not None):
+            raise ValueError("topaz_compat runs the whole image: patch_size/padding not allowed")
+        x = filters.lowpass(x, lowpass)
+        mean = float(np.mean(x, dtype=np.float64))
+        std = float(np.std(x, dtype=np.float64, ddof=1)) if x.size > 1 else 0.0
+        if not std > 0 or not math.isfinite(std):  # constant image: nothing to denoise
+            return np.full(x.shape, 0.0 if normalize else mean, np.float32)
+        xn = ((x - mean) / std).astype(np.float32)
+        if gaussian > 0 and self.ndim == 2:
+            xn = filters.gaussian(xn, gaussian)
+        y = np.zeros(x.shape, np.float32)
+        for net in self.nets:
+            if topaz_compat:
+                y += self._run_whole(net, xn)
+            else:
+                y += self._run_tiled(net, xn, patch_size, padding, batch_size, progress)
+        y /= len(self.nets)
+        if gaussian > 0 and self.ndim == 3:
+            y = filters.gaussian(y, gaussian)
+        return y if normalize else (y * np.float32(std) + np.float32(mean)).astype(np.float32)
+
+    # ------------------------------------------------------------------ execution
+
+    def _run_whole(self, net: _Net, xn: np.ndarray) -> np.ndarray:
+        """Unpadded whole image (torch's odd-size rule), one device. xn: (*S) -> (*S)."""
+        params = jax.device_put(net.params, self.devices[0])
+        batch = jax.device_put(xn[None, ..., None], self.devices[0])
+        return np.asarray(net.kernel(params, batch))[0, ..., 0]
+
+    def plan(
+        self,
+        shape: tuple[int, ...],
+        patch_size: int | None,
+        padding: int | None,
+        batch_size: int | None = None,
+    ) -> tuple[tuple[int, ...], list[tiling.Tile], int]:
+        """Tiles for an image of ``shape`` -> (padded shape, tiles, tiles per kernel call)."""
+        s = self.stride
+        padded = tuple(tiling.round_up(n, s) for n in shape)
+        margin = (
+            padding
+            if padding is not None
+            else (self.halo if self.ndim == 2 else DEFAULT_PADDING_3D)
+        )
+        if margin < 0:
+            raise ValueError(f"padding must be >= 0, got {margin}")
+        n_dev = len(self.devices)
+        per_dev = batch_size or 1
+        if patch_size is not None:
+            if patch_size < 1:
+                raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+            tile = (patch_size + 2 * margin,) * self.ndim
+        else:
+            px_bytes = max(BYTES_PER_PIXEL[n.spec.arch] for n in self.nets)
+            if self.dtype.itemsize < 4:
+                px_bytes //= 2
+            budget_px = memory_budget(self.devices[0]) // (px_bytes * per_dev)
+            tile = tiling.auto_tile(padded, margin, s, budget_px, min_tiles=n_dev)
+        tiles = tiling.plan(padded, tile, margin, s)
+        per_call = n_dev * min(per_dev, -(-len(tiles) // n_dev))
+        return padded, tiles, per_call
+
+    def _run_tiled(self, net, xn, patch_size, padding, batch_size, progress) -> np.ndarray:
+        """Zero-pad to the stride, run tile batches through the kernel, crop. xn: (*S) -> (*S)."""
+        padded_shape, tiles, per_call = self.plan(xn.shape, patch_size, padding, batch_size)
+        padded = np.zeros(padded_shape, np.float32)
+        padded[tuple(slice(0, n) for n in xn.shape)] = xn
+        out = np.empty(padded_shape, np.float32)
+        shape = (per_call, *tiling.tile_shape(tiles), 1)
+        groups = [tiles[i : i + per_call] for i in range(0, len(tiles), per_call)]
+
+        def submit(group):
+            batch = np.zeros(shape, np.float32)
+            for b, t in enumerate(group):
+                batch[b, ..., 0] = padded[t.window]
+            return net.kernel(net.params, jax.device_put(batch, self.tile_sharding))
+
+        def collect(group, result):
+            result = np.asarray(result)
+            for b, t in enumerate(group):
+                out[t.keep] = result[(b, *t.local, 0)]
+
+        pending = None  # dispatch is asynchronous: prepare batch k+1 while k runs
+        for k, group in enumerate(groups):
+            result = submit(group)
+            if pending is not None:
+                collect(*pending)
+                if progress:
+                    progress(k, len(groups))
+            pending = (group, result)
+        collect(*pending)
+        if progress:
+            progress(len(groups), len(groups))
+        return out[tuple(slice(0, n) for n in xn.shape)]
+
+
+def denoise(
+    x: np.ndarray,
+    model: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    *,
+    dtype: str = "float32",
+    devices: Sequence[jax.Device] | None = None,
+    **kwargs,
+) -> np.ndarray:
+    """Denoise a micrograph ``(H, W)`` or volume ``(D, H, W)`` -> float32, same shape.
+
+    model: pretrained name, weights path, run directory, or a list (averaged); defaults to
+    ``unet`` (2D) / ``unet-3d`` (3D). Other keywords as :meth:`Denoiser.__call__`. For many
+    images, make one :class:`Denoiser` and reuse it (compiled kernels are cached there).
+    """
+    x = np.asarray(x)
+    return Denoiser(model, ndim=x.ndim, dtype=dtype, devices=devices)(x, **kwargs)
