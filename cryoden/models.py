@@ -152,7 +152,7 @@ def max_pool2(h: jax.Array) -> jax.Array:
 
 
 class ConvBlock(nn.Module):
-    """Topaz ``nn.Sequential`` of convs, each followed by LeakyReLU(0.1) except, optionally, the last.
+    """Topaz ``nn.Sequential`` of convs, each followed by LeakyReLU(0.1) (optionally not the last).
 
     Convs are named ``conv{i}`` with ``i`` the torch Sequential index (0, 2, 4: activations sit
     between them), so ``enc1.0`` maps to ``enc1/conv0``.

@@ -177,7 +177,7 @@ def resolve(model: str | os.PathLike) -> tuple[Path, str | None]:
 
 
 def load(model: str | os.PathLike) -> tuple[dict, ModelSpec, dict]:
-    """Load a model by pretrained name, weights path or run directory -> ``(params, spec, meta)``."""
+    """Load a pretrained name, weights path or run directory -> ``(params, spec, meta)``."""
     path, sha = resolve(model)
     if sha is not None:
         got = sha256_file(path)
