@@ -23,7 +23,7 @@ def lowpass(x: np.ndarray, factor: float) -> np.ndarray:
         mask |= (np.abs(f) > 0.5 / factor).reshape(shape)
     spectrum = np.fft.rfftn(x)
     spectrum[mask] = 0
-    return np.fft.irfftn(spectrum, s=x.shape).astype(np.float32)
+    return np.fft.irfftn(spectrum, s=x.shape, axes=range(x.ndim)).astype(np.float32)
 
 
 def gaussian_kernel_1d(sigma: float) -> np.ndarray:

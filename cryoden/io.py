@@ -1,0 +1,320 @@
+"""Reading and writing micrographs, stacks and tomograms (MRC, TIFF, PNG).
+
+:func:`read` returns an :class:`Image`; :func:`write` writes one atomically (temporary file in the
+target directory, fsync, ``os.replace``), so a failed write never leaves partial output.
+
+Kinds (``Image.kind``) and the data shape each implies:
+
+- ``'2d'``: one image, ``(H, W)``;
+- ``'stack'``: ``(N, H, W)``, N independent 2D images (denoised slice by slice with a 2D model);
+- ``'volume'``: ``(D, H, W)``, one 3D image (tomogram, map; denoised with a 3D model).
+
+Automatic kind, for files holding more than one section (``read(..., kind=...)`` overrides it):
+
+- MRC: the extension decides where it is telling (``.mrcs``, ``.st``, ``.ali`` are stacks;
+  ``.rec``, ``.map`` are volumes); for ``.mrc`` the space group does (MRC2014: ``ispg == 0`` is an
+  image stack, ``1..230`` a volume, ``401..630`` a volume stack, of which only one volume is read).
+- TIFF: a ``Z`` axis (ImageJ ``slices``) makes a volume; any other multi-page file is a stack.
+- A single section is always ``'2d'``.
+
+Formats: MRC modes 0 (int8; IMOD's unsigned bytes are recognised), 1 (int16), 2 (float32),
+6 (uint16), 12 (float16) are read, and written as float32 (mode 2) with voxel size, origin, axis
+order, cell angles, labels and extended header (with ``exttyp``/``nversion``) copied from the
+source, the space group set from the kind, and dmin/dmax/dmean/rms recomputed. TIFF is written
+float32 with ImageJ metadata (axes ``YX``/``TYX``/``ZYX``, voxel size in nm). PNG is written as
+8-bit grayscale, 2D only: the image is normalised by its own mean and standard deviation and
+``[-3, 3]`` std is mapped linearly to ``0..255`` (clipped), as Topaz does. Colour PNG or TIFF
+input (RGB, RGBA, palette) is converted to luminance ``0.299 R + 0.587 G + 0.114 B`` (alpha
+dropped).
+
+Every error is a one-line ``ValueError(f"{path}: <problem>")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import secrets
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import tifffile
+from PIL import Image as PILImage
+
+KINDS = ("2d", "stack", "volume")
+FORMATS = {
+    **dict.fromkeys((".mrc", ".mrcs", ".map", ".rec", ".st", ".ali"), "mrc"),
+    **{".tif": "tiff", ".tiff": "tiff", ".png": "png"},
+}
+_MRC_STACK_EXT, _MRC_VOLUME_EXT = (".mrcs", ".st", ".ali"), (".rec", ".map")
+_MRC_MODES = (0, 1, 2, 6, 12)
+_IMOD_STAMP = 1146047817
+_TIFF_UNITS = {  # ImageJ unit -> Å
+    **dict.fromkeys(("nm", "nanometer"), 10.0),
+    **dict.fromkeys(("micron", "um", "\u00b5m", "\\u00b5m"), 1e4),
+    **dict.fromkeys(("angstrom", "a", "\u00c5"), 1.0),
+}
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+@dataclasses.dataclass
+class Image:
+    """An image and the metadata needed to write a result like it.
+
+    data: ``(H, W)``, ``(N, H, W)`` or ``(D, H, W)`` as ``kind`` says; the file's own dtype.
+    voxel_size, origin: ``(x, y, z)`` in Å, or None where the file does not say.
+    extended_header, exttyp, nversion: the MRC extended header's raw bytes and how to read them.
+    header: the source MRC header (a numpy record), None for TIFF and PNG.
+    """
+
+    data: np.ndarray
+    kind: str
+    voxel_size: tuple[float, float, float] | None = None
+    origin: tuple[float, float, float] | None = None
+    extended_header: bytes = b""
+    exttyp: bytes = b""
+    nversion: int = 0
+    header: np.record | None = None
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """'mrc' | 'tiff' | 'png' from the extension; ValueError for anything else."""
+    ext = Path(path).suffix.lower()
+    if ext not in FORMATS:
+        raise ValueError(
+            f"{path}: unsupported extension {ext!r} (expected one of {', '.join(FORMATS)})"
+        )
+    return FORMATS[ext]
+
+
+def _sniff(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(212)
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+        return "tiff"
+    return "mrc" if head[208:212] == b"MAP " else None
+
+
+def read(path: str | os.PathLike, kind: str | None = None) -> Image:
+    """Read an MRC, TIFF or PNG file; ``kind`` (one of KINDS) overrides the automatic kind."""
+    path = Path(path)
+    fmt = image_format(path)
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"{path}: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+    try:
+        found = _sniff(path)
+        if found is not None and found != fmt:
+            raise ValueError(
+                f"file content is {found.upper()}, but the extension says {fmt.upper()}"
+            )
+        img = {"mrc": _read_mrc, "tiff": _read_tiff, "png": _read_png}[fmt](path)
+        return _with_kind(img, kind or img.kind)
+    except (ValueError, OSError, tifffile.TiffFileError, PILImage.UnidentifiedImageError) as e:
+        msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        msg = " ".join(msg.split()).removeprefix(f"{path}: ")
+        raise ValueError(f"{path}: {msg}") from e
+
+
+def _with_kind(img: Image, kind: str) -> Image:
+    data = img.data
+    if data.ndim == 3 and data.shape[0] == 1 and kind == "2d":
+        data = data[0]
+    elif data.ndim == 2 and kind != "2d":
+        data = data[None]
+    if data.ndim != (2 if kind == "2d" else 3):
+        raise ValueError(f"kind {kind!r} does not fit data of shape {img.data.shape}")
+    return dataclasses.replace(img, data=data, kind=kind)
+
+
+def _read_mrc(path: Path) -> Image:
+    with mrcfile.open(path, header_only=True, permissive=False) as mrc:
+        if int(mrc.header.mode) not in _MRC_MODES:
+            raise ValueError(
+                f"unsupported MRC mode {int(mrc.header.mode)} (supported: "
+                f"{', '.join(map(str, _MRC_MODES))})"
+            )
+    with mrcfile.open(path, permissive=False) as mrc:
+        h = mrc.header.copy()
+        data = np.asarray(mrc.data)
+        ext = mrc.extended_header.tobytes() if mrc.extended_header is not None else b""
+        vs = mrc.voxel_size
+    data = data.astype(data.dtype.newbyteorder("="), copy=False)
+    if int(h.mode) == 0:  # IMOD writes unsigned bytes unless flag bit 0 is set
+        stamp, flags = np.frombuffer(h.tobytes()[152:160], h.nx.dtype)
+        if stamp == _IMOD_STAMP and not flags & 1:
+            data = data.view(np.uint8)
+    ispg, ext_name = int(h.ispg), path.suffix.lower()
+    if data.ndim == 4:
+        if data.shape[0] != 1:
+            raise ValueError(
+                f"volume stacks (ispg {ispg}, {data.shape[0]} volumes) are not "
+                f"supported; split the file into single volumes"
+            )
+        data = data[0]
+    if data.ndim == 2 or data.shape[0] == 1:
+        kind = "2d"
+    elif ext_name in _MRC_STACK_EXT or ext_name not in _MRC_VOLUME_EXT and ispg == 0:
+        kind = "stack"
+    else:
+        kind = "volume"
+    return Image(
+        data,
+        kind,
+        voxel_size=(float(vs.x), float(vs.y), float(vs.z)),
+        origin=tuple(float(v) for v in h.origin.item()),
+        extended_header=ext,
+        exttyp=bytes(h.exttyp),
+        nversion=int(h.nversion),
+        header=h,
+    )
+
+
+def _read_tiff(path: Path) -> Image:
+    with tifffile.TiffFile(path) as tif:
+        series, page = tif.series, tif.pages[0]
+        if len(series) > 1:  # e.g. pages written one by one: a stack if all are alike
+            if len({(s.shape, s.dtype) for s in series}) > 1 or len(series[0].shape) != 2:
+                raise ValueError(f"TIFF holds {len(series)} image series of different shapes")
+            data, axes = np.stack([s.asarray() for s in series]), "I" + series[0].axes
+        else:
+            data, axes = series[0].asarray(), series[0].axes
+        ij = tif.imagej_metadata or {}
+        res = page.resolution if ij else None
+        rgb = page.photometric == tifffile.PHOTOMETRIC.RGB
+    keep = [i for i, a in enumerate(axes) if data.shape[i] > 1 or a in "YX"]
+    data, axes = data.reshape([data.shape[i] for i in keep]), "".join(axes[i] for i in keep)
+    if rgb and "S" in axes:  # chunky (YXS) or planar (SYX) colour
+        data = _luminance(np.moveaxis(data, axes.index("S"), -1))
+        axes = axes.replace("S", "")
+    if axes not in ("YX", "ZYX") and not (len(axes) == 3 and axes[0] in "TIQ"):
+        raise ValueError(f"unsupported TIFF axes {axes!r} (need YX, ZYX or a stack of YX pages)")
+    scale = _TIFF_UNITS.get(str(ij.get("unit", "")).lower())
+    vs = None
+    if scale and res and all(res):
+        vs = (scale / res[0], scale / res[1], scale * float(ij.get("spacing", 0.0)))
+    return Image(data, {"YX": "2d", "ZYX": "volume"}.get(axes, "stack"), voxel_size=vs)
+
+
+def _read_png(path: Path) -> Image:
+    with PILImage.open(path) as im:
+        if im.mode in ("P", "RGB", "RGBA", "CMYK", "YCbCr"):
+            data = _luminance(np.asarray(im.convert("RGB")))
+        elif im.mode == "LA":
+            data = np.asarray(im.convert("L"))
+        else:
+            data = np.asarray(im)
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    return Image(data, "2d")
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """``(..., C>=3)`` colour samples -> ``(...)`` float32 luminance."""
+    return rgb[..., :3].astype(np.float32) @ _LUMA
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write(path: str | os.PathLike, img: Image, label: str | None = None) -> None:
+    """Write ``img`` atomically to ``path``; the format follows the extension.
+
+    ``label`` (at most 80 characters) is appended to the MRC labels; other formats ignore it.
+    """
+    path = Path(path)
+    fmt = image_format(path)
+    data = np.asarray(img.data)
+    if data.ndim != (2 if img.kind == "2d" else 3):
+        raise ValueError(f"{path}: kind {img.kind!r} does not fit data of shape {data.shape}")
+    if fmt == "png" and img.kind != "2d":
+        raise ValueError(
+            f"{path}: PNG output holds one 2D image, not a {img.kind} "
+            f"of shape {data.shape}; use --format mrc or tiff"
+        )
+    try:
+        with atomic(path) as tmp:
+            if fmt == "mrc":
+                _write_mrc(tmp, img, data, label)
+            elif fmt == "tiff":
+                _write_tiff(tmp, img, data)
+            else:
+                PILImage.fromarray(to_uint8(data)).save(tmp, format="PNG")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot write: {e.strerror or e}") from e
+
+
+@contextlib.contextmanager
+def atomic(path: Path):
+    """Yield a new temporary path beside ``path``; on success fsync it and rename it to ``path``."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # honours the umask
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def to_uint8(x: np.ndarray, clip: float = 3.0) -> np.ndarray:
+    """Normalise ``x`` by its mean and std and map ``[-clip, clip]`` std to ``0..255`` (uint8)."""
+    x = np.asarray(x, np.float64)
+    std = x.std()
+    z = (x - x.mean()) / std if std > 0 else np.zeros_like(x)
+    return np.clip(np.round((z + clip) * (255 / (2 * clip))), 0, 255).astype(np.uint8)
+
+
+def _write_mrc(tmp: Path, img: Image, data: np.ndarray, label: str | None) -> None:
+    src = img.header
+    with mrcfile.new(tmp, overwrite=True) as mrc:
+        mrc.set_data(np.asarray(data, np.float32))
+        h = mrc.header
+        if img.kind == "volume":
+            mrc.set_volume()
+            if src is not None and 1 <= int(src.ispg) <= 230:
+                h.ispg = src.ispg
+        elif img.kind == "stack":
+            mrc.set_image_stack()
+        n = min(max(int(src.nlabl), 0), 10) if src is not None else 0
+        h.label = src.label if src is not None else b""  # the source's replace mrcfile's
+        if label is not None:
+            if n == 10:  # the oldest goes
+                h.label[:9], n = h.label[1:].copy(), 9
+            h.label[n] = label.encode("ascii", "replace")[:80]
+            n += 1
+        h.nlabl = n
+        if src is not None:
+            for field in ("nxstart", "nystart", "nzstart", "mapc", "mapr", "maps", "cellb"):
+                h[field] = src[field]
+        if img.voxel_size is not None:
+            mrc.voxel_size = img.voxel_size
+        if img.origin is not None:
+            h.origin = img.origin
+        if img.extended_header:
+            mrc.set_extended_header(np.frombuffer(img.extended_header, dtype="V1"))
+            h.exttyp = img.exttyp
+        if img.nversion:
+            h.nversion = img.nversion
+        mrc.update_header_stats()
+
+
+def _write_tiff(tmp: Path, img: Image, data: np.ndarray) -> None:
+    axes = {"2d": "YX", "stack": "TYX", "volume": "ZYX"}[img.kind]
+    meta: dict = {"axes": axes}
+    kw: dict = {}
+    vs = img.voxel_size
+    if vs is not None and vs[0] > 0 and vs[1] > 0:
+        kw["resolution"] = (10.0 / vs[0], 10.0 / vs[1])  # pixels per nm
+        meta["unit"] = "nm"
+        if img.kind == "volume" and vs[2] > 0:
+            meta["spacing"] = vs[2] / 10.0
+    tifffile.imwrite(tmp, np.asarray(data, np.float32), imagej=True, metadata=meta, **kw)
