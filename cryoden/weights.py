@@ -138,16 +138,11 @@ def check_params(params: dict, spec: ModelSpec, where: str = "params") -> None:
 
 
 def pretrained_dir() -> Path:
-    """Directory of the shipped pretrained weights (installed package or source checkout)."""
-    try:
-        from importlib.resources import files
-
-        d = Path(str(files("cryoden.pretrained")))
-        if (d / "MANIFEST.json").is_file():
-            return d
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "weights"
+    """Directory of the shipped pretrained weights: ``cryoden/pretrained`` in an installed wheel
+    (where setuptools puts ``weights/``), else ``weights/`` of the source checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "pretrained"
+    return installed if (installed / "MANIFEST.json").is_file() else here.parent / "weights"
 
 
 def manifest() -> list[dict]:

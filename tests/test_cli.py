@@ -24,7 +24,7 @@ from cryoden import infer, io, weights
 from cryoden.__main__ import main as cryoden_main
 from cryoden.models import ModelSpec, init_params
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL = Path(__file__).resolve().parents[1] / "examples" / "k2_micrograph_crop.mrc"
 rng = np.random.default_rng(0)
 
 
@@ -67,13 +67,6 @@ def mrc(path, data, ispg=None, voxel_size=None):
         if voxel_size is not None:
             m.voxel_size = voxel_size
     return path
-
-
-def have(name):
-    try:
-        return name in weights.pretrained_names()
-    except weights.WeightsError:
-        return False
 
 
 def test_mrc_2d(tmp_path, models, capsys):
@@ -247,10 +240,9 @@ def test_one_denoiser_per_dimensionality(tmp_path, models, monkeypatch):
     assert made == [2]
 
 
-@pytest.mark.skipif(not (DATA / "fei-extended.mrc").is_file(), reason="shared data not present")
 def test_real_micrograph_keeps_extended_header(tmp_path, models):
-    img = io.read(DATA / "fei-extended.mrc")
-    img.data = img.data[1000:1256, 1000:1256]
+    img = io.read(REAL)
+    img.data = img.data[300:556, 400:656]
     io.write(tmp_path / "crop.mrc", img)
     assert run(tmp_path / "crop.mrc", "-o", tmp_path / "out", "-m", models["2d"], "-q") == 0
     out = io.read(tmp_path / "out" / "crop.mrc")
@@ -258,11 +250,9 @@ def test_real_micrograph_keeps_extended_header(tmp_path, models):
     assert out.voxel_size == pytest.approx(img.voxel_size) and out.data.shape == (256, 256)
 
 
-@pytest.mark.skipif(not have("unet"), reason="pretrained unet weights not converted yet")
-@pytest.mark.skipif(not (DATA / "fei-extended.mrc").is_file(), reason="shared data not present")
 def test_default_2d_model_on_real_micrograph(tmp_path):
-    img = io.read(DATA / "fei-extended.mrc")
-    img.data = img.data[1000:1256, 1000:1256]
+    img = io.read(REAL)
+    img.data = img.data[300:556, 400:656]
     io.write(tmp_path / "crop.mrc", img)
     assert run(tmp_path / "crop.mrc", "-o", tmp_path / "out", "-q") == 0
     y, x = io.read(tmp_path / "out" / "crop.mrc").data, img.data.astype(np.float32)
@@ -270,7 +260,6 @@ def test_default_2d_model_on_real_micrograph(tmp_path):
     assert abs(y.mean() - x.mean()) < 0.1 * x.std()
 
 
-@pytest.mark.skipif(not have("unet-3d"), reason="pretrained unet-3d weights not converted yet")
 def test_default_3d_model_on_tiny_volume(tmp_path):
     x = rng.normal(size=(20, 36, 28)).astype(np.float32)  # padded to 32 x 64 x 32
     mrc(tmp_path / "v.rec", x)

@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""Inference benchmark: cryoden vs Topaz-Denoise (PyTorch, same weights, same inputs, one run).
+
+Each measurement runs in a fresh subprocess (so peak RSS is its own), repeated; the table shows
+the median seconds, the ratio to cryoden, useful GFLOP/s (the model's FLOPs per output pixel from
+XLA's cost analysis x the image size, over the time) against a matmul peak measured in the same
+run, peak memory, and the max abs difference of each output from a reference output.
+
+Usage::
+
+    python scripts/bench_infer.py                 # everything (2D, real K2, 3D): about 1.5 h on 2 cores
+    python scripts/bench_infer.py --only 2d --repeats 3
+    python scripts/bench_infer.py --only 3d --topaz-3d-repeats 1
+
+Results are cached in --work (default /tmp/cryoden-bench) so parts can run separately and the
+table is printed from everything measured so far (``--table``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def synthetic_micrograph(shape=(2048, 2048), seed=0) -> np.ndarray:
+    """Particle-like blobs, CTF-like band-pass, Poisson-like noise: (H, W) float32."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros(shape, np.float32)
+    idx = rng.integers(0, shape, size=(400, 2))
+    img[idx[:, 0], idx[:, 1]] = 1.0
+    f = np.fft.rfft2(img)
+    ky = np.fft.fftfreq(shape[0])[:, None]
+    kx = np.fft.rfftfreq(shape[1])[None, :]
+    k2 = kx**2 + ky**2
+    f *= np.exp(-k2 / (2 * 0.02**2)) * np.sin(2e4 * k2 + 0.3)
+    clean = np.fft.irfft2(f, s=shape)
+    clean = clean / clean.std() * 0.3 + 10
+    return rng.poisson(clean * 10).astype(np.float32)
+
+
+def synthetic_volume(shape=(128, 256, 256), seed=0) -> np.ndarray:
+    """Blobs and a membrane slab in Gaussian noise (input std ~1.5): (D, H, W) float32."""
+    rng = np.random.default_rng(seed)
+    vol = np.zeros(shape, np.float32)
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    for _ in range(60):
+        c = rng.uniform(0, shape)
+        r = rng.uniform(3, 9)
+        d2 = (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2
+        vol += np.exp(-0.5 * d2 / r**2).astype(np.float32)
+    vol += np.exp(-0.5 * ((y - 0.3 * x - 60) / 3.0) ** 2).astype(np.float32)
+    return vol + rng.normal(0, 1.5, shape).astype(np.float32)
+
+
+def real_micrograph() -> np.ndarray:
+    import mrcfile
+
+    path = ROOT.parent / "shared" / "data" / "fei-extended.mrc"
+    with mrcfile.open(path, permissive=True) as m:
+        return np.asarray(m.data, np.float32)
+
+
+INPUTS = {"2d": synthetic_micrograph, "3d": synthetic_volume, "k2": real_micrograph}
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+def worker(args) -> None:
+    """One measurement in this process: prints a JSON line with times, maxrss, output file."""
+    x = INPUTS[args.input]()
+    times = []
+    if args.impl == "cryoden":
+        from cryoden.inference import Denoiser
+
+        d = Denoiser(args.model, ndim=x.ndim)
+        kw = {}
+        if args.patch is not None:
+            kw = dict(patch_size=args.patch, padding=args.padding)
+        t = time.perf_counter()
+        y = d(x, **kw)  # first call includes compilation
+        first = time.perf_counter() - t
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            y = d(x, **kw)
+            times.append(time.perf_counter() - t)
+        extra = {"first_call_s": first, "tiles": len(d.plan(x.shape, args.patch, args.padding)[1])}
+    else:
+        import torch
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        import topaz_ref
+
+        torch.set_num_threads(os.cpu_count())
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            if x.ndim == 2:
+                y = topaz_ref.topaz_denoise_2d(x, args.model, args.patch or -1, args.padding or 0)
+            else:
+                y = topaz_ref.topaz_denoise_3d(x, args.model, args.patch or 0, args.padding or 0)
+            times.append(time.perf_counter() - t)
+        extra = {}
+    out = Path(args.work) / f"{args.tag}.npy"
+    np.save(out, np.asarray(y, np.float32))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"times": times, "maxrss": rss, "out": str(out), **extra}))
+
+
+def matmul_peak() -> float:
+    """Best of numpy and XLA float32 GEMM (2048^3), GFLOP/s, median of 5."""
+    import jax
+    import jax.numpy as jnp
+
+    a = np.random.default_rng(0).normal(size=(2048, 2048)).astype(np.float32)
+    best = 0.0
+    for fn in (lambda: a @ a, lambda: jax.jit(jnp.matmul)(a, a).block_until_ready()):
+        fn()
+        ts = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        best = max(best, 2 * 2048**3 / np.median(ts) / 1e9)
+    return best
+
+
+def flops_per_pixel(model: str) -> float:
+    import jax
+
+    from cryoden import weights
+    from cryoden.models import build_model
+
+    params, spec, _ = weights.load(model)
+    size = (64,) * spec.ndim if spec.ndim == 3 else (512, 512)
+    x = jax.ShapeDtypeStruct((1, *size, 1), np.float32)
+    c = jax.jit(build_model(spec).apply).lower({"params": params}, x).compile()
+    return c.cost_analysis()["flops"] / float(np.prod(size))
+
+
+# ---------------------------------------------------------------------------- plan
+
+
+# tag: (input, impl, model, patch, padding, reference tag for the diff column)
+CASES = {
+    "2d": [
+        ("2d-cryoden", "2d", "cryoden", "unet", None, None, None),
+        ("2d-topaz-whole", "2d", "topaz", "unet", None, None, "2d-cryoden"),
+        ("2d-topaz-default", "2d", "topaz", "unet", 1024, 500, "2d-cryoden"),
+    ],
+    "k2": [
+        ("k2-cryoden", "k2", "cryoden", "unet", None, None, None),
+        ("k2-topaz-default", "k2", "topaz", "unet", 1024, 500, "k2-cryoden"),
+    ],
+    "3d": [
+        ("3d-cryoden", "3d", "cryoden", "unet-3d", None, None, None),
+        ("3d-topaz-whole", "3d", "topaz", "unet-3d-10a", None, None, "3d-cryoden"),
+        ("3d-cryoden-tiled", "3d", "cryoden", "unet-3d", 64, 32, "3d-cryoden"),
+        ("3d-topaz-default", "3d", "topaz", "unet-3d-10a", 96, 48, "3d-topaz-whole"),
+    ],
+}
+
+
+def run_case(case, work: Path, repeats: int) -> dict:
+    tag, inp, impl, model, patch, padding, _ = case
+    cmd = [sys.executable, __file__, "--worker", "--input", inp, "--impl", impl, "--model", model,
+           "--tag", tag, "--work", str(work), "--repeats", str(repeats)]
+    if patch is not None:
+        cmd += ["--patch", str(patch), "--padding", str(padding)]
+    print(f"# {tag}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if res.returncode:
+        raise SystemExit(f"{tag} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def table(work: Path) -> str:
+    results = json.loads((work / "results.json").read_text())
+    peak = results.get("_matmul_gflops")
+    lines = [f"matmul peak (float32 GEMM, same machine): {peak:.1f} GFLOP/s" if peak else "",
+             "", "| case | impl | tiles | median s (n) | vs cryoden | useful GFLOP/s | % peak "
+             "| peak RSS GiB | max abs diff (vs) | diff / input std |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for group in CASES.values():
+        for tag, inp, impl, model, patch, padding, ref in group:
+            r = results.get(tag)
+            if not r:
+                continue
+            med = float(np.median(r["times"]))
+            ours = results.get(f"{inp}-cryoden")
+            ratio = med / float(np.median(ours["times"])) if ours else float("nan")
+            gflops = r["flops"] / med / 1e9
+            diff, rel = "", ""
+            if ref and ref in results:
+                d = np.abs(np.load(r["out"]) - np.load(results[ref]["out"])).max()
+                diff, rel = f"{d:.3g} ({ref})", f"{d / r['input_std']:.2g}"
+            tiles = f"{patch}+{padding}" if patch else "whole"
+            pct = f"{100 * gflops / peak:.0f}%" if peak else ""
+            lines.append(
+                f"| {tag} | {impl} {model} | {tiles} | {med:.2f} ({len(r['times'])}) | "
+                f"{ratio:.2f}x | {gflops:.1f} | {pct} | {r['maxrss'] / 2**30:.2f} | {diff} | {rel} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", choices=sorted(CASES), action="append")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--topaz-3d-repeats", type=int, default=1,
+                   help="Topaz 3D runs (its 96+48 default takes ~30 min per run on 2 cores)")
+    p.add_argument("--work", default="/tmp/cryoden-bench")
+    p.add_argument("--table", action="store_true", help="only print the table of cached results")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--input"), p.add_argument("--impl"), p.add_argument("--model")
+    p.add_argument("--tag"), p.add_argument("--patch", type=int), p.add_argument("--padding", type=int)
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        return worker(args)
+    store = work / "results.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    if not args.table:
+        results["_matmul_gflops"] = matmul_peak()
+        for group in args.only or list(CASES):
+            for case in CASES[group]:
+                tag, inp, impl, model = case[:4]
+                n = args.topaz_3d_repeats if (impl == "topaz" and inp == "3d") else args.repeats
+                r = run_case(case, work, n)
+                x = INPUTS[inp]()
+                r.update(flops=flops_per_pixel(model) * x.size, input_std=float(x.std()))
+                results[tag] = r
+                store.write_text(json.dumps(results, indent=1))
+    print(table(work))
+
+
+if __name__ == "__main__":
+    main()
