@@ -79,7 +79,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--patch-padding",
         type=int,
         metavar="PX",
-        help="tile margin per side (default: the receptive field in 2D, exact; 32 in 3D)",
+        help="tile margin per side (default: the receptive field in 2D, exact; 48 in 3D)",
     )
     a.add_argument("--batch-size", type=int, metavar="N", help="tiles per device per step")
     a.add_argument(

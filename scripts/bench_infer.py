@@ -8,9 +8,9 @@ run, peak memory, and the max abs difference of each output from a reference out
 
 Usage::
 
-    python scripts/bench_infer.py                 # everything (2D, real K2, 3D): about 1.5 h on 2 cores
-    python scripts/bench_infer.py --only 2d --repeats 3
-    python scripts/bench_infer.py --only 3d --topaz-3d-repeats 1
+    python scripts/bench_infer.py               # everything (2D, 3D, real K2): ~1.5 h on 2 cores
+    python scripts/bench_infer.py --only 2d
+    python scripts/bench_infer.py --only 3d --repeats 1
 
 Results are cached in --work (default /tmp/cryoden-bench) so parts can run separately and the
 table is printed from everything measured so far (``--table``).
@@ -153,30 +153,47 @@ def flops_per_pixel(model: str) -> float:
 # ---------------------------------------------------------------------------- plan
 
 
-# tag: (input, impl, model, patch, padding, reference tag for the diff column)
+# tag: (input, impl, model, patch, padding, reference tag for the diff column, timed runs)
+# Topaz's 96 + 48 3D tiling is 18 tiles of 192^3 here (~30 min per run on 2 cores) and its
+# 1024 + 500 tiling of the full K2 micrograph ~15 min: those run once; everything else 3 times.
 CASES = {
     "2d": [
-        ("2d-cryoden", "2d", "cryoden", "unet", None, None, None),
-        ("2d-topaz-whole", "2d", "topaz", "unet", None, None, "2d-cryoden"),
-        ("2d-topaz-default", "2d", "topaz", "unet", 1024, 500, "2d-cryoden"),
-    ],
-    "k2": [
-        ("k2-cryoden", "k2", "cryoden", "unet", None, None, None),
-        ("k2-topaz-default", "k2", "topaz", "unet", 1024, 500, "k2-cryoden"),
+        ("2d-cryoden", "2d", "cryoden", "unet", None, None, None, 3),
+        ("2d-topaz-whole", "2d", "topaz", "unet", None, None, "2d-cryoden", 3),
+        ("2d-topaz-default", "2d", "topaz", "unet", 1024, 500, "2d-cryoden", 3),
     ],
     "3d": [
-        ("3d-cryoden", "3d", "cryoden", "unet-3d", None, None, None),
-        ("3d-topaz-whole", "3d", "topaz", "unet-3d-10a", None, None, "3d-cryoden"),
-        ("3d-cryoden-tiled", "3d", "cryoden", "unet-3d", 64, 32, "3d-cryoden"),
-        ("3d-topaz-default", "3d", "topaz", "unet-3d-10a", 96, 48, "3d-topaz-whole"),
+        ("3d-cryoden", "3d", "cryoden", "unet-3d", None, None, None, 3),
+        ("3d-topaz-whole", "3d", "topaz", "unet-3d-10a", None, None, "3d-cryoden", 1),
+        ("3d-cryoden-tiled", "3d", "cryoden", "unet-3d", 96, 48, "3d-cryoden", 1),
+        ("3d-topaz-default", "3d", "topaz", "unet-3d-10a", 96, 48, "3d-topaz-whole", 1),
+    ],
+    "k2": [
+        ("k2-cryoden", "k2", "cryoden", "unet", None, None, None, 3),
+        ("k2-topaz-default", "k2", "topaz", "unet", 1024, 500, "k2-cryoden", 1),
     ],
 }
 
 
 def run_case(case, work: Path, repeats: int) -> dict:
-    tag, inp, impl, model, patch, padding, _ = case
-    cmd = [sys.executable, __file__, "--worker", "--input", inp, "--impl", impl, "--model", model,
-           "--tag", tag, "--work", str(work), "--repeats", str(repeats)]
+    tag, inp, impl, model, patch, padding, _, _ = case
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--input",
+        inp,
+        "--impl",
+        impl,
+        "--model",
+        model,
+        "--tag",
+        tag,
+        "--work",
+        str(work),
+        "--repeats",
+        str(repeats),
+    ]
     if patch is not None:
         cmd += ["--patch", str(patch), "--padding", str(padding)]
     print(f"# {tag}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
@@ -189,12 +206,15 @@ def run_case(case, work: Path, repeats: int) -> dict:
 def table(work: Path) -> str:
     results = json.loads((work / "results.json").read_text())
     peak = results.get("_matmul_gflops")
-    lines = [f"matmul peak (float32 GEMM, same machine): {peak:.1f} GFLOP/s" if peak else "",
-             "", "| case | impl | tiles | median s (n) | vs cryoden | useful GFLOP/s | % peak "
-             "| peak RSS GiB | max abs diff (vs) | diff / input std |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"matmul peak (float32 GEMM, same machine): {peak:.1f} GFLOP/s" if peak else "",
+        "",
+        "| case | impl | tiles | median s (n) | vs cryoden | useful GFLOP/s | % peak "
+        "| peak RSS GiB | max abs diff (vs) | diff / input std |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for group in CASES.values():
-        for tag, inp, impl, model, patch, padding, ref in group:
+        for tag, inp, impl, model, patch, padding, ref, _ in group:
             r = results.get(tag)
             if not r:
                 continue
@@ -208,9 +228,10 @@ def table(work: Path) -> str:
                 diff, rel = f"{d:.3g} ({ref})", f"{d / r['input_std']:.2g}"
             tiles = f"{patch}+{padding}" if patch else "whole"
             pct = f"{100 * gflops / peak:.0f}%" if peak else ""
+            rss = r["maxrss"] / 2**30
             lines.append(
                 f"| {tag} | {impl} {model} | {tiles} | {med:.2f} ({len(r['times'])}) | "
-                f"{ratio:.2f}x | {gflops:.1f} | {pct} | {r['maxrss'] / 2**30:.2f} | {diff} | {rel} |"
+                f"{ratio:.2f}x | {gflops:.1f} | {pct} | {rss:.2f} | {diff} | {rel} |"
             )
     return "\n".join(lines)
 
@@ -218,14 +239,16 @@ def table(work: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", choices=sorted(CASES), action="append")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--topaz-3d-repeats", type=int, default=1,
-                   help="Topaz 3D runs (its 96+48 default takes ~30 min per run on 2 cores)")
+    p.add_argument("--repeats", type=int, help="timed runs for every case (default: per case)")
     p.add_argument("--work", default="/tmp/cryoden-bench")
     p.add_argument("--table", action="store_true", help="only print the table of cached results")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--input"), p.add_argument("--impl"), p.add_argument("--model")
-    p.add_argument("--tag"), p.add_argument("--patch", type=int), p.add_argument("--padding", type=int)
+    (
+        p.add_argument("--tag"),
+        p.add_argument("--patch", type=int),
+        p.add_argument("--padding", type=int),
+    )
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -237,9 +260,8 @@ def main() -> None:
         results["_matmul_gflops"] = matmul_peak()
         for group in args.only or list(CASES):
             for case in CASES[group]:
-                tag, inp, impl, model = case[:4]
-                n = args.topaz_3d_repeats if (impl == "topaz" and inp == "3d") else args.repeats
-                r = run_case(case, work, n)
+                tag, inp, model = case[0], case[1], case[3]
+                r = run_case(case, work, args.repeats or case[-1])
                 x = INPUTS[inp]()
                 r.update(flops=flops_per_pixel(model) * x.size, input_std=float(x.std()))
                 results[tag] = r
