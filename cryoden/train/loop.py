@@ -1,0 +1,432 @@
+"""Noise2Noise training loop: config -> mesh -> data -> state -> compiled step -> epochs.
+
+``train(cfg)`` writes into ``RUN = cfg.run.out``::
+
+    RUN/config.json        resolved config (a valid --config preset for a new run)
+    RUN/run.json           cryoden/jax versions, devices, and the command of every invocation
+    RUN/train.log          text log
+    RUN/log.tsv            epoch, step, train_loss (mean over the epoch), val_loss, best, ...
+    RUN/checkpoints/<step> orbax checkpoints (state, grain iterator, meta)
+    RUN/model.npz          best model by validation loss, cryoden weights format
+                           (``cryoden infer --model RUN`` or ``--model RUN/model.npz``)
+
+Started again with the same ``RUN``, it resumes from the newest valid checkpoint; the result
+is bitwise the same as an uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import cryoden
+from cryoden import weights
+from cryoden.models import init_params
+from cryoden.train import checkpoint, data, mesh, step
+from cryoden.train.config import Config, resume_conflicts
+
+log = logging.getLogger("cryoden.train")
+TSV_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "best_val_loss", "gamma", "seconds")
+
+
+class _Stop:
+    """SIGINT/SIGTERM -> finish the current step, save a checkpoint, exit (single process).
+
+    A second Ctrl-C interrupts at once. Multi-process runs rely on jax's preemption sync point
+    instead (all processes must stop at the same step).
+    """
+
+    def __init__(self):
+        self.flag = threading.Event()
+        self.old = {}
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning(
+            "signal %d: stopping after this step (checkpoint saved); again to abort", signum
+        )
+        self.flag.set()
+        signal.signal(signum, self.old.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+
+    def requested(self, ckpt: checkpoint.Checkpoints, step_: int) -> bool:
+        if jax.process_count() > 1:
+            return ckpt.mngr.reached_preemption(step_)
+        return self.flag.is_set()
+
+
+def _setup_run_dir(cfg: Config, command: list[str] | None) -> Path:
+    """Create RUN, check a resumed run's config, write config.json / run.json, log to a file."""
+    out = Path(cfg.run.out)
+    main = mesh.is_main_process()
+    cfg_path = out / "config.json"
+    if cfg_path.is_file():
+        conflicts = resume_conflicts(json.loads(cfg_path.read_text()), cfg.to_dict())
+        if conflicts:
+            raise ValueError(
+                f"{out} holds a run with a different config ({'; '.join(conflicts)});"
+                " use another --out, or the same settings to resume it"
+            )
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(cfg_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
+        info_path = out / "run.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {"invocations": []}
+        info["invocations"].append(
+            dict(
+                command=command if command is not None else sys.argv,
+                started=time.time(),
+                cryoden=cryoden.__version__,
+                jax=jax.__version__,
+                devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+                processes=jax.process_count(),
+            )
+        )
+        _write_atomic(info_path, json.dumps(info, indent=2) + "\n")
+        handler = logging.FileHandler(out / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("cryoden").addHandler(handler)
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _rewrite_tsv(path: Path, upto_step: int) -> None:
+    """Start log.tsv, or keep only rows up to the restored step (drop rows of a lost epoch)."""
+    rows = path.read_text().splitlines()[1:] if path.is_file() else []
+    rows = [r for r in rows if r and int(r.split("\t")[1]) <= upto_step]
+    _write_atomic(path, "\n".join(["\t".join(TSV_COLUMNS), *rows]) + "\n")
+
+
+def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) training.
+
+    Returns ``{'step', 'best_val_loss', 'best_step', 'interrupted'}`` and, when finished,
+    ``'model'`` (path of the exported best model) and ``'params'`` (final params, numpy).
+    """
+    cfg.validate()
+    d, spec = cfg.data, cfg.model.spec
+    main = mesh.is_main_process()
+
+    # ------------------------------------------------------------------ run directory, mesh
+    out = _setup_run_dir(cfg, command)
+    devices = mesh.make_mesh()
+    val_bs = d.val_batch_size or d.batch_size
+    mesh.check_batch_size(d.batch_size, devices)
+    mesh.check_batch_size(val_bs, devices, "validation batch size")
+    log.info("mesh: %s", mesh.describe(devices))
+
+    # ------------------------------------------------------------------ data
+    pairs = data.find_pairs(d.even, d.odd)
+    train_pairs, val_pairs = data.split_holdout(pairs, d.holdout, cfg.run.seed)
+    first = data.open_half(train_pairs[0][0])
+    if first.ndim != spec.ndim:
+        raise ValueError(
+            f"{train_pairs[0][0]}: {first.ndim}D data for a {spec.ndim}D model "
+            f"({spec.arch}); pick a {first.ndim}D --arch/--config"
+        )
+    data.check_crop(train_pairs + val_pairs, d.crop, spec.ndim)
+    samples_per_epoch = len(train_pairs) * d.samples_per_pair
+    steps_per_epoch = max(1, math.ceil(samples_per_epoch / d.batch_size))
+    total_steps = cfg.run.steps or cfg.run.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    iterator = iter(
+        data.train_dataset(
+            train_pairs,
+            ndim=spec.ndim,
+            crop=d.crop,
+            batch_size=d.batch_size,
+            seed=cfg.run.seed,
+            samples_per_epoch=samples_per_epoch,
+            augment=d.augment,
+            swap=d.swap,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            num_workers=d.num_workers,
+        )
+    )
+    log.info(
+        "data: %d training / %d validation pairs; %d steps per epoch of %d crops %s; "
+        "%d steps in %d epochs",
+        len(train_pairs),
+        len(val_pairs),
+        steps_per_epoch,
+        d.batch_size,
+        (d.crop,) * spec.ndim,
+        total_steps,
+        epochs,
+    )
+    if not val_pairs:
+        log.warning(
+            "no validation pairs (holdout %.2f of %d pairs): the best model is chosen "
+            "by training loss",
+            d.holdout,
+            len(pairs),
+        )
+
+    # ------------------------------------------------------------------ state (born replicated)
+    optimizer = step.make_optimizer(cfg.optim)
+    key = jax.random.key(cfg.run.seed)
+
+    def fresh_state(params=None):
+        k_init, k_state = jax.random.split(key)
+        params = init_params(spec, k_init) if params is None else params
+        return step.init_state(params, optimizer, k_state)
+
+    abstract = jax.eval_shape(fresh_state)
+    repl = mesh.replicated(devices)
+    state_sh = jax.tree.map(lambda _: repl, abstract)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
+    )
+
+    # ------------------------------------------------------------------ checkpoints, resume
+    ends = {min((e + 1) * steps_per_epoch, total_steps) for e in range(epochs)}
+    ckpt = checkpoint.Checkpoints(
+        out / "checkpoints",
+        epoch_end_steps=ends,
+        keep_latest=cfg.run.keep_latest,
+        keep_best=cfg.run.keep_best,
+        save_every_steps=cfg.run.save_every_steps,
+        async_save=cfg.run.async_save,
+    )
+    restored = ckpt.restore_latest(abstract, iterator)
+    if restored is not None:
+        state, meta = restored
+        log.info("resumed from %s at step %d", ckpt.directory, meta["step"])
+    elif cfg.model.init:
+        params, init_spec, _ = weights.load(cfg.model.init)
+        if init_spec != spec:
+            raise ValueError(f"--init {cfg.model.init} is {init_spec}, the config asks {spec}")
+        params = mesh.replicate_from_host(params, devices)
+        state = jax.jit(fresh_state, out_shardings=state_sh)(params)
+        meta = {}
+        log.info("initialised from %s", cfg.model.init)
+    else:
+        state = jax.jit(fresh_state, out_shardings=state_sh)()
+        meta = {}
+    cur = int(mesh.to_host(state["step"]))
+    best = math.inf if meta.get("best") is None else meta["best"]
+    best_step = meta.get("best_step")
+    ep_sum, ep_n = meta.get("epoch_loss_sum", 0.0), meta.get("epoch_loss_n", 0)
+    if main:
+        _rewrite_tsv(out / "log.tsv", cur)
+    if cur >= total_steps:
+        ckpt.close()
+        log.info("already finished (%d steps); model %s", cur, out / weights.MODEL_FILE)
+        return dict(
+            step=cur,
+            best_val_loss=best,
+            best_step=best_step,
+            interrupted=False,
+            model=str(out / weights.MODEL_FILE),
+            params=mesh.to_host(state["params"]),
+        )
+
+    # ------------------------------------------------------------------ compiled steps
+    bsh = mesh.batch_sharding(devices)
+    shape = (d.batch_size,) + (d.crop,) * spec.ndim + (1,)
+    batch_abs = {
+        k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bsh) for k in ("source", "target")
+    }
+    t0 = time.time()
+    train_step = (
+        jax.jit(
+            step.make_train_step(cfg, optimizer, steps_per_epoch, epochs),
+            in_shardings=(state_sh, bsh),
+            out_shardings=(state_sh, repl),
+            donate_argnums=0,
+        )
+        .lower(abstract, batch_abs)
+        .compile()
+    )
+    log.info("compiled train step in %.1f s: %s", time.time() - t0, _describe(train_step))
+    eval_step = jax.jit(
+        step.make_eval_step(cfg), in_shardings=(state_sh["params"], bsh), out_shardings=(repl, repl)
+    )
+
+    def validate(params) -> float:
+        sums = [
+            eval_step(params, mesh.global_batch(mesh.local_slice(b), devices))
+            for b in data.val_batches(val_pairs, ndim=spec.ndim, crop=d.crop, batch_size=val_bs)
+        ]
+        s = mesh.to_host(sums)
+        return float(
+            np.sum([x for x, _ in s], dtype=np.float64)
+            / np.sum([w for _, w in s], dtype=np.float64)
+        )
+
+    # ------------------------------------------------------------------ loop
+    from tqdm.auto import tqdm
+
+    with _Stop() as stop:
+        while cur < total_steps:
+            epoch = cur // steps_per_epoch
+            end = min((epoch + 1) * steps_per_epoch, total_steps)
+            t_epoch, losses, interrupted = time.time(), _Mean(ep_sum, ep_n), False
+            bar = tqdm(
+                total=end - epoch * steps_per_epoch,
+                initial=cur - epoch * steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{epochs}",
+                unit="step",
+                leave=False,
+                disable=not (main and cfg.run.progress),
+            )
+            while cur < end:
+                batch = mesh.global_batch(next(iterator), devices)
+                state, metrics = train_step(state, batch)
+                cur += 1
+                losses.add(metrics["loss"])
+                bar.update(1)
+                if cur % 10 == 0 or cur == end:
+                    bar.set_postfix(loss=f"{losses.mean():.4g}")
+                interrupted = stop.requested(ckpt, cur)
+                if cur < end and (interrupted or ckpt.should_save(cur)):
+                    part = dict(
+                        epoch_loss_sum=losses.sum(),
+                        epoch_loss_n=losses.n,
+                        best=_finite(best),
+                        best_step=best_step,
+                    )
+                    ckpt.save(cur, state, iterator, part, force=interrupted)
+                if interrupted:
+                    break
+            bar.close()
+            if interrupted and cur < end:
+                ckpt.close()
+                log.warning("interrupted at step %d; run the same command to resume", cur)
+                return dict(step=cur, best_val_loss=best, best_step=best_step, interrupted=True)
+
+            # -------------------------------------------------------------- end of epoch
+            train_loss = losses.mean()
+            ep_sum, ep_n = 0.0, 0
+            val_loss = validate(state["params"]) if val_pairs else math.nan
+            select = val_loss if val_pairs else train_loss
+            if select < best:
+                best, best_step = select, cur
+                if main:
+                    weights.save(
+                        out / weights.MODEL_FILE,
+                        mesh.to_host(state["params"]),
+                        spec,
+                        config=cfg.to_dict(),
+                        step=cur,
+                        epoch=epoch + 1,
+                        val_loss=None if math.isnan(val_loss) else val_loss,
+                        train_loss=train_loss,
+                        cryoden_version=cryoden.__version__,
+                        source="cryoden.train",
+                    )
+            gamma = float(mesh.to_host(metrics["gamma"])) if cfg.optim.loss == "L0" else None
+            row = (
+                epoch + 1,
+                cur,
+                f"{train_loss:.6g}",
+                f"{val_loss:.6g}",
+                f"{best:.6g}",
+                "-" if gamma is None else f"{gamma:.4g}",
+                f"{time.time() - t_epoch:.1f}",
+            )
+            log.info(
+                "epoch %d/%d step %d: train %.5g val %.5g best %.5g (%.1f s)",
+                epoch + 1,
+                epochs,
+                cur,
+                train_loss,
+                val_loss,
+                best,
+                time.time() - t_epoch,
+            )
+            if main:
+                with open(out / "log.tsv", "a") as f:
+                    f.write("\t".join(map(str, row)) + "\n")
+            ckpt.save(
+                cur,
+                state,
+                iterator,
+                dict(epoch_loss_sum=0.0, epoch_loss_n=0, best=_finite(best), best_step=best_step),
+                metric=select,
+            )
+            if stop.requested(ckpt, cur) and cur < total_steps:
+                ckpt.close()
+                log.warning("interrupted at step %d; run the same command to resume", cur)
+                return dict(step=cur, best_val_loss=best, best_step=best_step, interrupted=True)
+    ckpt.close()
+    log.info(
+        "done: %d steps; best loss %.5g at step %s; model %s",
+        cur,
+        best,
+        best_step,
+        out / weights.MODEL_FILE,
+    )
+    return dict(
+        step=cur,
+        best_val_loss=best,
+        best_step=best_step,
+        model=str(out / weights.MODEL_FILE),
+        interrupted=False,
+        params=mesh.to_host(state["params"]),
+    )
+
+
+def _describe(compiled) -> str:
+    """FLOPs and device memory of a compiled step, for the log (whatever the backend reports)."""
+    parts = []
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        parts.append(f"{float(cost.get('flops', 0.0)) / 1e9:.3g} GFLOP per step")
+        mem = compiled.memory_analysis()
+        total = sum(getattr(mem, f"{k}_size_in_bytes", 0) for k in ("argument", "output", "temp"))
+        parts.append(f"{total / 2**20:.0f} MiB per device (args + outputs + temporaries)")
+    except Exception:  # analyses are optional per backend
+        pass
+    return ", ".join(parts) or "no cost analysis"
+
+
+class _Mean:
+    """Running mean of replicated scalar losses; fetched to the host in float64 lazily."""
+
+    def __init__(self, total: float = 0.0, n: int = 0):
+        self.total, self.n, self.pending = float(total), int(n), []
+
+    def add(self, x: jax.Array) -> None:
+        self.pending.append(x)
+
+    def sum(self) -> float:
+        if self.pending:
+            self.total += float(np.sum(np.asarray(mesh.to_host(self.pending), np.float64)))
+            self.n += len(self.pending)
+            self.pending = []
+        return self.total
+
+    def mean(self) -> float:
+        s = self.sum()
+        return s / self.n if self.n else math.nan
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isinf(x) else x
