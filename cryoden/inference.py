@@ -40,9 +40,11 @@ DEFAULT_MODEL = {2: "unet", 3: "unet-3d"}
 # leaves a mean seam error of ~0.05% of the output std (32: 0.6%, 16: 1.7%), against 14% for
 # Topaz's 96 + 48 tiles: see docs/benchmarks.md.
 DEFAULT_PADDING_3D = 48
-# XLA temporaries per pixel of the U-net forward (measured with compiled.memory_analysis():
-# 644 B/px for every U-net, 2D and 3D), plus input and output.
+# XLA temporaries per pixel of the forward (compiled.memory_analysis()), plus input and output:
+# 644 B/px for every 2D U-net and for 3D on accelerators; on CPU the 3D convs run as sums of 2D
+# convs over depth slices (models._conv), which needs ~2430 B/voxel.
 BYTES_PER_PIXEL = {"unet": 660, "unet-small": 660, "fcnn": 530, "affine": 16}
+BYTES_PER_VOXEL_3D_CPU = 2500
 
 
 @dataclasses.dataclass
@@ -211,6 +213,8 @@ class Denoiser:
             tile = (patch_size + 2 * margin,) * self.ndim
         else:
             px_bytes = max(BYTES_PER_PIXEL[n.spec.arch] for n in self.nets)
+            if self.ndim == 3 and self.devices[0].platform == "cpu":
+                px_bytes = BYTES_PER_VOXEL_3D_CPU
             if self.dtype.itemsize < 4:
                 px_bytes //= 2
             budget_px = memory_budget(self.devices[0]) // (px_bytes * per_dev)
