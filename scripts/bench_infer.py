@@ -157,7 +157,7 @@ def flops_per_pixel(model: str, polyphase: bool = True) -> float:
 
 
 # tag: (input, impl, model, patch, padding, reference tag for the diff column, timed runs)
-# Topaz's 96 + 48 3D tiling is 18 tiles of 192^3 here (~30 min per run on 2 cores) and its
+# Topaz's 96 + 48 3D tiling is 18 tiles of 192^3 here (~18 min per run on 2 cores) and its
 # 1024 + 500 tiling of the full K2 micrograph ~15 min: those run once; everything else 3 times.
 CASES = {
     "2d": [
