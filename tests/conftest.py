@@ -29,3 +29,19 @@ def blob_volume(shape, seed=0) -> np.ndarray:
         r = rng.uniform(3, 8)
         clean += np.exp(-0.5 * np.sum((grid - c) ** 2, -1) / r**2).astype(np.float32)
     return clean + rng.normal(0, 1.5, shape).astype(np.float32)
+
+
+def new_mrc(path, data, ispg=None, voxel_size=None, origin=None, ext=None, exttyp=b""):
+    """Write ``data`` as an MRC file with the given header fields; returns ``path``."""
+    with mrcfile.new(path, overwrite=True) as m:
+        m.set_data(data)
+        if ispg is not None:
+            m.header.ispg = ispg
+        if voxel_size is not None:
+            m.voxel_size = voxel_size
+        if origin is not None:
+            m.header.origin = origin
+        if ext is not None:
+            m.set_extended_header(np.frombuffer(ext, "V1"))
+            m.header.exttyp = exttyp
+    return Path(path)

@@ -17,6 +17,7 @@ import mrcfile
 import numpy as np
 import pytest
 import tifffile
+from conftest import new_mrc as mrc
 from PIL import Image as PILImage
 
 import cryoden.inference
@@ -57,16 +58,6 @@ def run(*argv) -> int:
     parser = argparse.ArgumentParser()
     infer.add_args(parser)
     return infer.main(parser.parse_args([str(a) for a in argv]))
-
-
-def mrc(path, data, ispg=None, voxel_size=None):
-    with mrcfile.new(path, overwrite=True) as m:
-        m.set_data(data)
-        if ispg is not None:
-            m.header.ispg = ispg
-        if voxel_size is not None:
-            m.voxel_size = voxel_size
-    return path
 
 
 def test_mrc_2d(tmp_path, models, capsys):

@@ -7,6 +7,7 @@ import mrcfile
 import numpy as np
 import pytest
 import tifffile
+from conftest import new_mrc
 from PIL import Image as PILImage
 
 from cryoden import io
@@ -14,21 +15,6 @@ from cryoden import io
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FEI = DATA / "fei-extended.mrc"
 rng = np.random.default_rng(0)
-
-
-def new_mrc(path, data, ispg=None, voxel_size=None, origin=None, ext=None, exttyp=b""):
-    with mrcfile.new(path, overwrite=True) as m:
-        m.set_data(data)
-        if ispg is not None:
-            m.header.ispg = ispg
-        if voxel_size is not None:
-            m.voxel_size = voxel_size
-        if origin is not None:
-            m.header.origin = origin
-        if ext is not None:
-            m.set_extended_header(np.frombuffer(ext, "V1"))
-            m.header.exttyp = exttyp
-    return Path(path)
 
 
 # ----------------------------------------------------------------------------- MRC
