@@ -21,6 +21,11 @@ def parse(*argv: str) -> argparse.Namespace:
     return cli.add_args(argparse.ArgumentParser()).parse_args(list(argv))
 
 
+def halves(even, odd) -> list[str]:
+    """The ``--even``/``--odd`` arguments for a pair of half directories."""
+    return ["--even", str(even), "--odd", str(odd)]
+
+
 def test_presets_reproduce_the_paper_recipes():
     two = C.merge(C.Config(), C.load_preset("train-2d"))
     assert (two.model.arch, two.model.ndim, two.data.crop, two.data.batch_size) == (
@@ -45,10 +50,7 @@ def test_presets_reproduce_the_paper_recipes():
 def test_flags_override_preset_and_set(tmp_path):
     even, odd = write_pairs(tmp_path / "d", n=2)
     args = parse(
-        "--even",
-        str(even),
-        "--odd",
-        str(odd),
+        *halves(even, odd),
         "--out",
         str(tmp_path / "r"),
         "--arch",
@@ -72,10 +74,7 @@ def test_flags_override_preset_and_set(tmp_path):
     with pytest.raises(ValueError, match="unknown config key"):
         C.from_args(
             parse(
-                "--even",
-                str(even),
-                "--odd",
-                str(odd),
+                *halves(even, odd),
                 "--out",
                 "r",
                 "--set",
@@ -83,7 +82,7 @@ def test_flags_override_preset_and_set(tmp_path):
             )
         )
     with pytest.raises(ValueError, match="unknown --arch"):
-        C.from_args(parse("--even", str(even), "--odd", str(odd), "--out", "r", "--arch", "resnet"))
+        C.from_args(parse(*halves(even, odd), "--out", "r", "--arch", "resnet"))
 
 
 def test_3d_data_picks_the_3d_preset(tmp_path):
@@ -107,10 +106,7 @@ def test_wrong_dimensionality_is_a_clear_error(tmp_path, capsys):
     even, odd = write_pairs(tmp_path / "d", n=2)
     rc = cli.main(
         parse(
-            "--even",
-            str(even),
-            "--odd",
-            str(odd),
+            *halves(even, odd),
             "--out",
             str(tmp_path / "r"),
             "--arch",
@@ -124,14 +120,9 @@ def test_wrong_dimensionality_is_a_clear_error(tmp_path, capsys):
 
 
 def test_init_from_pretrained_and_arch_mismatch(tmp_path):
-    if "affine" not in weights.pretrained_names():
-        pytest.skip("pretrained weights not converted yet")
     even, odd = write_pairs(tmp_path / "d", n=3)
     base = [
-        "--even",
-        str(even),
-        "--odd",
-        str(odd),
+        *halves(even, odd),
         "--config",
         "train-2d-test",
         "--crop",
@@ -181,10 +172,7 @@ def test_training_on_synthetic_halves_beats_raw_and_best_lowpass(tmp_path):
     out = tmp_path / "run"
     rc = cli.main(
         parse(
-            "--even",
-            str(even),
-            "--odd",
-            str(odd),
+            *halves(even, odd),
             "--out",
             str(out),
             "--config",
