@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cryoden.conv import conv
+
 ARCHS = ("unet", "unet-small", "fcnn", "affine")
 NF = 48  # Topaz U-net feature width
 
@@ -84,7 +86,7 @@ def _dependency_halo(spec: ModelSpec) -> int:
     n = 64 * max(spec.stride, 8) + 32 * spec.base_width  # long enough that the centre is free
     lo0 = hi0 = np.arange(n)
 
-    def conv(lo, hi, k):
+    def box(lo, hi, k):
         r = k // 2
         lo_p = np.pad(lo, r, mode="edge")
         hi_p = np.pad(hi, r, mode="edge")
@@ -95,22 +97,22 @@ def _dependency_halo(spec: ModelSpec) -> int:
         return spec.base_width // 2
     if spec.arch == "fcnn":
         return 3 * (spec.base_width // 2)
-    lo, hi = conv(lo0, hi0, spec.base_width)
+    lo, hi = box(lo0, hi0, spec.base_width)
     skips = [(lo0, hi0)]
     for i in range(1, spec.levels + 1):
         if i > 1:
-            lo, hi = conv(lo, hi, 3)
+            lo, hi = box(lo, hi, 3)
         m = len(lo) // 2 * 2
         lo, hi = lo[:m].reshape(-1, 2).min(-1), hi[:m].reshape(-1, 2).max(-1)
         skips.append((lo, hi))
     skips.pop()
-    lo, hi = conv(lo, hi, 3)
+    lo, hi = box(lo, hi, 3)
     while skips:
         s_lo, s_hi = skips.pop()
         idx = torch_nearest_index(len(lo), len(s_lo))
         lo, hi = np.minimum(lo[idx], s_lo), np.maximum(hi[idx], s_hi)
         for k in (3, 3) if skips else (spec.top_width,) * 3:
-            lo, hi = conv(lo, hi, k)
+            lo, hi = box(lo, hi, k)
     j = np.arange(n)
     centre = slice(n // 4, 3 * n // 4)
     return int(max((j - lo)[centre].max(), (hi - j)[centre].max()))
@@ -203,31 +205,9 @@ def _phase_kernel(kernel: jax.Array, phases: Sequence[int]) -> tuple[jax.Array, 
     return kernel, pads
 
 
-def _conv(h: jax.Array, kernel: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
-    """Stride-1 convolution, channels-last: ``h (B, *s, I)``, ``kernel (*k, I, O)``.
-
-    On CPU a 3D convolution runs as a sum over its depth taps of 2D convolutions on
-    ``(B * D, H, W, I)`` slices: XLA:CPU's 2D kernels are several times faster than its 3D ones
-    (same arithmetic, same result to float rounding). Elsewhere XLA's native N-d convolution.
-    """
-    nd = h.ndim - 2
-    if nd == 3 and jax.default_backend() == "cpu":
-        (lo, hi), kd = pads[0], kernel.shape[0]
-        b, d, hh, ww, c = h.shape
-        hp = jnp.pad(h, [(0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)])
-        d_out = d + lo + hi - kd + 1
-        y = None
-        for j in range(kd):
-            t = _conv(hp[:, j : j + d_out].reshape(b * d_out, hh, ww, c), kernel[j], pads[1:])
-            y = t if y is None else y + t
-        return y.reshape((b, d_out) + y.shape[1:])
-    spec = ("NHWC", "HWIO", "NHWC") if nd == 2 else ("NDHWC", "DHWIO", "NDHWC")
-    return jax.lax.conv_general_dilated(h, kernel, (1,) * nd, pads, dimension_numbers=spec)
-
-
 class Conv(nn.Module):
     """``nn.Conv`` with zero padding ``k // 2`` (same params: ``kernel (*k, I, O)``, ``bias``),
-    computed by :func:`_conv`. h: (B, *s, I) -> (B, *s, O)."""
+    computed by :func:`cryoden.conv.conv`. h: (B, *s, I) -> (B, *s, O)."""
 
     features: int
     kernel_size: int
@@ -241,7 +221,7 @@ class Conv(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         h = h.astype(self.dtype)
-        y = _conv(h, kernel.astype(self.dtype), [(k // 2, k // 2)] * self.ndim)
+        y = conv(h, kernel.astype(self.dtype), [(k // 2, k // 2)] * self.ndim)
         return y + bias.astype(self.dtype)
 
 
@@ -275,18 +255,18 @@ class UpConv(nn.Module):
         doubles = all(b == 2 * a for a, b in zip(h.shape[1:-1], skip.shape[1:-1], strict=True))
         if not (doubles and self.polyphase):
             up = upsample_like(h, skip.shape[1:-1])
-            y = _conv(jnp.concatenate([up, skip], axis=-1), kernel.astype(dt), same)
+            y = conv(jnp.concatenate([up, skip], axis=-1), kernel.astype(dt), same)
             return y + bias.astype(dt)
         phases = list(itertools.product((0, 1), repeat=nd))
         outs = []
         for ph in phases:
             w, pads = _phase_kernel(kernel[..., :c_h, :], ph)
-            outs.append(_conv(h, w.astype(dt), pads))
+            outs.append(conv(h, w.astype(dt), pads))
         b, *s, o = outs[0].shape
         y = jnp.stack(outs).reshape((2,) * nd + (b, *s, o))  # (2, .., 2, B, *s, O)
         perm = [nd] + [i for a in range(nd) for i in (nd + 1 + a, a)] + [2 * nd + 1]
         y = y.transpose(perm).reshape((b, *(2 * n for n in s), o))
-        return y + _conv(skip, kernel[..., c_h:, :].astype(dt), same) + bias.astype(dt)
+        return y + conv(skip, kernel[..., c_h:, :].astype(dt), same) + bias.astype(dt)
 
 
 class UNet(nn.Module):

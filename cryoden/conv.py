@@ -1,0 +1,151 @@
+"""Stride-1 convolutions for the models, with CPU-specific forms that XLA:CPU runs faster.
+
+``conv(h, kernel, pads)`` is the only entry point: channels-last ``h (B, *s, I)``, kernel
+``(*k, I, O)``, explicit zero padding per spatial axis, output ``(B, *s_out, O)``. On GPU/TPU it
+is XLA's native convolution. On CPU two rewrites apply, each the same arithmetic as the native
+convolution (equal to float rounding, tested in ``tests/test_conv.py``):
+
+* A 3D convolution is a sum over its depth taps of 2D convolutions on ``(B * D, H, W, I)``
+  slices: XLA:CPU's 2D kernels are several times faster than its 3D ones.
+* The kernel gradient of a 2D convolution (the training backward pass) is a sum of kernel
+  gradients over blocks of output rows. XLA:CPU computes a kernel gradient as one convolution
+  whose contraction runs over every pixel of the batch; that runs on one core at 15-60 GFLOP/s.
+  Split into independent blocks of ~8k output pixels it runs on every core, cache-resident, 2-5x
+  faster (``scripts/bench_train.py``). The data gradient stays XLA's own (a plain convolution).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+Pads = tuple[tuple[int, int], ...]
+
+# Kernel-gradient blocking: aim for this many output pixels per block, and at most this many
+# blocks per convolution (each block is one XLA op: more blocks, longer compiles).
+BLOCK_PIXELS = 8192
+MAX_BLOCKS = 32
+
+
+def conv(h: jax.Array, kernel: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
+    """Stride-1 cross-correlation (torch/XLA convention), channels-last.
+
+    h: (B, *s, I); kernel: (*k, I, O); pads: ((lo, hi),) per spatial axis, zeros.
+    Returns (B, *s_out, O) with ``s_out = s + lo + hi - k + 1``.
+    """
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    if jax.default_backend() != "cpu":
+        return _xla_conv(h, kernel, pads)
+    if h.ndim == 5:
+        return _conv3d_cpu(h, kernel, pads)
+    return _conv2d_cpu(h, kernel, pads)
+
+
+def _xla_conv(h: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
+    nd = h.ndim - 2
+    spec = ("NHWC", "HWIO", "NHWC") if nd == 2 else ("NDHWC", "DHWIO", "NDHWC")
+    return jax.lax.conv_general_dilated(h, kernel, (1,) * nd, pads, dimension_numbers=spec)
+
+
+def _conv3d_as_slices(h: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
+    """3D convolution as ``sum_j conv2d(depth slices j.., kernel[j])``: h (B, D, H, W, I)."""
+    (lo, hi), kd = pads[0], kernel.shape[0]
+    b, d, hh, ww, c = h.shape
+    hp = jax.lax.pad(h, jnp.zeros((), h.dtype), [(0, 0, 0), (lo, hi, 0)] + [(0, 0, 0)] * 3)
+    d_out = d + lo + hi - kd + 1
+    y = None
+    for j in range(kd):
+        t = _xla_conv(hp[:, j : j + d_out].reshape(b * d_out, hh, ww, c), kernel[j], pads[1:])
+        y = t if y is None else y + t
+    return y.reshape((b, d_out) + y.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3d_cpu(h: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
+    """3D convolution as depth-slice 2D convolutions, with a backward pass of the same kind."""
+    return _conv3d_as_slices(h, kernel, pads)
+
+
+def _conv3d_cpu_fwd(h, kernel, pads):
+    return _conv3d_as_slices(h, kernel, pads), (h, kernel)
+
+
+def _conv3d_cpu_bwd(pads, res, dy):
+    """The data gradient is itself a convolution (of ``dy`` with the flipped, transposed
+    kernel), computed as depth slices too rather than as the transpose of the slicing."""
+    h, kernel = res
+    k = kernel.shape[:3]
+    flipped = jnp.flip(kernel, axis=(0, 1, 2)).swapaxes(3, 4)
+    pads_t = tuple((k_ - 1 - lo, k_ - 1 - hi) for k_, (lo, hi) in zip(k, pads, strict=True))
+    dh = _conv3d_as_slices(dy, flipped, pads_t)
+    return dh, kernel_grad(h, dy, kernel.shape, pads).astype(kernel.dtype)
+
+
+_conv3d_cpu.defvjp(_conv3d_cpu_fwd, _conv3d_cpu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv2d_cpu(h: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
+    """2D convolution whose kernel gradient is computed blockwise (see module docstring)."""
+    return _xla_conv(h, kernel, pads)
+
+
+def _conv2d_cpu_fwd(h, kernel, pads):
+    return _xla_conv(h, kernel, pads), (h, kernel)
+
+
+def _conv2d_cpu_bwd(pads, res, dy):
+    h, kernel = res
+    _, data_vjp = jax.vjp(lambda x: _xla_conv(x, kernel, pads), h)
+    (dh,) = data_vjp(dy)
+    # a 2D convolution over a batch is a 3D one over a single volume with a depth-1 kernel
+    g = kernel_grad(h[None], dy[None], (1,) + kernel.shape, ((0, 0),) + pads)
+    return dh, g[0].astype(kernel.dtype)
+
+
+_conv2d_cpu.defvjp(_conv2d_cpu_fwd, _conv2d_cpu_bwd)
+
+
+def blocks(b: int, d: int, rows: int, cols: int) -> list[tuple[int, int, int, int, int]]:
+    """Split a ``(b, d, rows, cols)`` output into blocks ``(i, d0, d1, r0, r1)`` (volume ``i``,
+    slices ``d0:d1``, rows ``r0:r1``) of about ``BLOCK_PIXELS`` pixels, at most ``MAX_BLOCKS``
+    (but at least one per volume): runs of whole slices when slices are small, runs of rows of
+    one slice when they are large. The blocks tile the output exactly once."""
+    n = min(MAX_BLOCKS, max(1, math.ceil(b * d * rows * cols / BLOCK_PIXELS)))
+    per_volume = max(1, n // b)
+    if per_volume <= d:
+        run = math.ceil(d / per_volume)
+        return [(i, d0, min(d, d0 + run), 0, rows) for i in range(b) for d0 in range(0, d, run)]
+    run = math.ceil(rows / (per_volume // d))
+    return [
+        (i, j, j + 1, r0, min(rows, r0 + run))
+        for i in range(b)
+        for j in range(d)
+        for r0 in range(0, rows, run)
+    ]
+
+
+def kernel_grad(h: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], pads: Pads) -> jax.Array:
+    """Gradient of the 3D ``conv(h, W, pads)`` with respect to ``W``, given its output cotangent.
+
+    h: (B, D, H, W, I); dy: (B, D_out, H_out, W_out, O); kernel_shape: (kd, kh, kw, I, O).
+    Returns (kd, kh, kw, I, O) in ``h``'s dtype: the sum over :func:`blocks` of XLA's 2D kernel
+    gradient of each block, whose input is the block's window of the padded ``h`` with the
+    ``kd`` depth shifts stacked as channels (so each block is one small, independent op).
+    """
+    kd, kh, kw, c_in, c_out = kernel_shape
+    (lo_d, hi_d), (lo_h, hi_h), pads_w = pads
+    zero = jnp.zeros((), h.dtype)
+    hp = jax.lax.pad(h, zero, [(0, 0, 0), (lo_d, hi_d, 0), (lo_h, hi_h, 0), (0, 0, 0), (0, 0, 0)])
+    w0 = jnp.zeros((kh, kw, kd * c_in, c_out), h.dtype)
+    total = None
+    for i, d0, d1, r0, r1 in blocks(*dy.shape[:4]):
+        x = jnp.concatenate([hp[i, d0 + j : d1 + j, r0 : r1 + kh - 1] for j in range(kd)], -1)
+        _, vjp = jax.vjp(lambda w, x=x: _xla_conv(x, w, ((0, 0), pads_w)), w0)
+        (g,) = vjp(dy[i, d0:d1, r0:r1])
+        total = g if total is None else total + g
+    return total.reshape(kh, kw, kd, c_in, c_out).transpose(2, 0, 1, 3, 4)
