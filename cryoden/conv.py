@@ -29,6 +29,8 @@ Pads = tuple[tuple[int, int], ...]
 # blocks per convolution (each block is one XLA op: more blocks, longer compiles).
 BLOCK_PIXELS = 8192
 MAX_BLOCKS = 32
+# Narrow images are convolved side by side in rows of up to this many pixels (_conv2d_wide).
+MOSAIC_WIDTH = 520
 
 
 def conv(h: jax.Array, kernel: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
@@ -51,6 +53,36 @@ def _xla_conv(h: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
     return jax.lax.conv_general_dilated(h, kernel, (1,) * nd, pads, dimension_numbers=spec)
 
 
+def _conv2d_wide(h: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
+    """2D convolution of narrow images laid side by side: h (N, H, W, I) -> (N, H', W', O).
+
+    XLA:CPU's 2D convolution runs ~1.7x faster on rows of >= 256 pixels than on rows of 64-128
+    (the 3D U-net's slices, the 2D U-net's deeper levels). So ``g`` images, each zero-padded
+    in width, are placed side by side in one row, convolved with no width padding, and cut
+    apart again: the zero gutters keep every output reading only its own image.
+    """
+    n, rows, w, c = h.shape
+    (lo, hi), kw = pads[1], kernel.shape[1]
+    wp = w + lo + hi
+    g = _mosaic_factor(n, wp)
+    if g == 1:
+        return _xla_conv(h, kernel, pads)
+    hp = jax.lax.pad(h, jnp.zeros((), h.dtype), [(0, 0, 0), (0, 0, 0), (lo, hi, 0), (0, 0, 0)])
+    wide = hp.reshape(n // g, g, rows, wp, c).transpose(0, 2, 1, 3, 4)
+    y = _xla_conv(wide.reshape(n // g, rows, g * wp, c), kernel, (pads[0], (0, kw - 1)))
+    r_out, o = y.shape[1], y.shape[-1]
+    y = y.reshape(n // g, r_out, g, wp, o)[:, :, :, : wp - kw + 1]
+    return y.transpose(0, 2, 1, 3, 4).reshape(n, r_out, wp - kw + 1, o)
+
+
+def _mosaic_factor(n: int, width: int) -> int:
+    """Images per row for :func:`_conv2d_wide`: the largest divisor of ``n`` whose row stays
+    within ``MOSAIC_WIDTH`` pixels (1 when images are already wide)."""
+    if width * 2 > MOSAIC_WIDTH:
+        return 1
+    return max(g for g in range(1, min(n, MOSAIC_WIDTH // width) + 1) if n % g == 0)
+
+
 def _conv3d_as_slices(h: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
     """3D convolution as ``sum_j conv2d(depth slices j.., kernel[j])``: h (B, D, H, W, I)."""
     (lo, hi), kd = pads[0], kernel.shape[0]
@@ -59,9 +91,20 @@ def _conv3d_as_slices(h: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
     d_out = d + lo + hi - kd + 1
     y = None
     for j in range(kd):
-        t = _xla_conv(hp[:, j : j + d_out].reshape(b * d_out, hh, ww, c), kernel[j], pads[1:])
+        t = _conv2d_wide(hp[:, j : j + d_out].reshape(b * d_out, hh, ww, c), kernel[j], pads[1:])
         y = t if y is None else y + t
     return y.reshape((b, d_out) + y.shape[1:])
+
+
+def _flip(kernel: jax.Array) -> jax.Array:
+    """Kernel of the data gradient: spatially flipped, in/out swapped. (*k, I, O) -> (*k, O, I)."""
+    nd = kernel.ndim - 2
+    return jnp.flip(kernel, axis=tuple(range(nd))).swapaxes(-1, -2)
+
+
+def _transposed_pads(kernel_shape: Sequence[int], pads: Pads) -> Pads:
+    """Pads of the data gradient's convolution, which maps the output size back to the input's."""
+    return tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel_shape, pads, strict=False))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -78,10 +121,7 @@ def _conv3d_cpu_bwd(pads, res, dy):
     """The data gradient is itself a convolution (of ``dy`` with the flipped, transposed
     kernel), computed as depth slices too rather than as the transpose of the slicing."""
     h, kernel = res
-    k = kernel.shape[:3]
-    flipped = jnp.flip(kernel, axis=(0, 1, 2)).swapaxes(3, 4)
-    pads_t = tuple((k_ - 1 - lo, k_ - 1 - hi) for k_, (lo, hi) in zip(k, pads, strict=True))
-    dh = _conv3d_as_slices(dy, flipped, pads_t)
+    dh = _conv3d_as_slices(dy, _flip(kernel), _transposed_pads(kernel.shape, pads))
     return dh, kernel_grad(h, dy, kernel.shape, pads).astype(kernel.dtype)
 
 
@@ -91,17 +131,16 @@ _conv3d_cpu.defvjp(_conv3d_cpu_fwd, _conv3d_cpu_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv2d_cpu(h: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
     """2D convolution whose kernel gradient is computed blockwise (see module docstring)."""
-    return _xla_conv(h, kernel, pads)
+    return _conv2d_wide(h, kernel, pads)
 
 
 def _conv2d_cpu_fwd(h, kernel, pads):
-    return _xla_conv(h, kernel, pads), (h, kernel)
+    return _conv2d_wide(h, kernel, pads), (h, kernel)
 
 
 def _conv2d_cpu_bwd(pads, res, dy):
     h, kernel = res
-    _, data_vjp = jax.vjp(lambda x: _xla_conv(x, kernel, pads), h)
-    (dh,) = data_vjp(dy)
+    dh = _conv2d_wide(dy, _flip(kernel), _transposed_pads(kernel.shape, pads))
     # a 2D convolution over a batch is a 3D one over a single volume with a depth-1 kernel
     g = kernel_grad(h[None], dy[None], (1,) + kernel.shape, ((0, 0),) + pads)
     return dh, g[0].astype(kernel.dtype)
