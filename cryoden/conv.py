@@ -2,16 +2,20 @@
 
 ``conv(h, kernel, pads)`` is the only entry point: channels-last ``h (B, *s, I)``, kernel
 ``(*k, I, O)``, explicit zero padding per spatial axis, output ``(B, *s_out, O)``. On GPU/TPU it
-is XLA's native convolution. On CPU two rewrites apply, each the same arithmetic as the native
-convolution (equal to float rounding, tested in ``tests/test_conv.py``):
+is XLA's native convolution. On CPU these rewrites apply, each the same arithmetic as the
+native convolution (equal to float rounding, tested in ``tests/test_conv.py``; speed-ups measured
+with ``scripts/bench_train.py``, see docs/benchmarks.md):
 
 * A 3D convolution is a sum over its depth taps of 2D convolutions on ``(B * D, H, W, I)``
   slices: XLA:CPU's 2D kernels are several times faster than its 3D ones.
-* The kernel gradient of a 2D convolution (the training backward pass) is a sum of kernel
-  gradients over blocks of output rows. XLA:CPU computes a kernel gradient as one convolution
-  whose contraction runs over every pixel of the batch; that runs on one core at 15-60 GFLOP/s.
-  Split into independent blocks of ~8k output pixels it runs on every core, cache-resident, 2-5x
-  faster (``scripts/bench_train.py``). The data gradient stays XLA's own (a plain convolution).
+* Narrow images (rows under ``MOSAIC_WIDTH / 2``) are convolved side by side in one wide row
+  (:func:`_conv2d_wide`): XLA:CPU runs ~1.7x faster on rows of >= 256 pixels.
+* Kernel gradients (the training backward pass) are sums over independent blocks of ~8k
+  output pixels (:func:`kernel_grad`). XLA:CPU computes a kernel gradient as one convolution
+  whose contraction runs over every pixel of the batch, on one core at 15-60 GFLOP/s; in
+  blocks it is cache-resident and uses every core, 2-5x faster.
+* Data gradients are computed as convolutions of the same form (flipped, transposed kernel),
+  not by autodiff through the rewrites above.
 """
 
 from __future__ import annotations
@@ -107,48 +111,6 @@ def _transposed_pads(kernel_shape: Sequence[int], pads: Pads) -> Pads:
     return tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel_shape, pads, strict=False))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv3d_cpu(h: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
-    """3D convolution as depth-slice 2D convolutions, with a backward pass of the same kind."""
-    return _conv3d_as_slices(h, kernel, pads)
-
-
-def _conv3d_cpu_fwd(h, kernel, pads):
-    return _conv3d_as_slices(h, kernel, pads), (h, kernel)
-
-
-def _conv3d_cpu_bwd(pads, res, dy):
-    """The data gradient is itself a convolution (of ``dy`` with the flipped, transposed
-    kernel), computed as depth slices too rather than as the transpose of the slicing."""
-    h, kernel = res
-    dh = _conv3d_as_slices(dy, _flip(kernel), _transposed_pads(kernel.shape, pads))
-    return dh, kernel_grad(h, dy, kernel.shape, pads).astype(kernel.dtype)
-
-
-_conv3d_cpu.defvjp(_conv3d_cpu_fwd, _conv3d_cpu_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv2d_cpu(h: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
-    """2D convolution whose kernel gradient is computed blockwise (see module docstring)."""
-    return _conv2d_wide(h, kernel, pads)
-
-
-def _conv2d_cpu_fwd(h, kernel, pads):
-    return _conv2d_wide(h, kernel, pads), (h, kernel)
-
-
-def _conv2d_cpu_bwd(pads, res, dy):
-    h, kernel = res
-    dh = _conv2d_wide(dy, _flip(kernel), _transposed_pads(kernel.shape, pads))
-    # a 2D convolution over a batch is a 3D one over a single volume with a depth-1 kernel
-    g = kernel_grad(h[None], dy[None], (1,) + kernel.shape, ((0, 0),) + pads)
-    return dh, g[0].astype(kernel.dtype)
-
-
-_conv2d_cpu.defvjp(_conv2d_cpu_fwd, _conv2d_cpu_bwd)
-
-
 def blocks(b: int, d: int, rows: int, cols: int) -> list[tuple[int, int, int, int, int]]:
     """Split a ``(b, d, rows, cols)`` output into blocks ``(i, d0, d1, r0, r1)`` (volume ``i``,
     slices ``d0:d1``, rows ``r0:r1``) of about ``BLOCK_PIXELS`` pixels, at most ``MAX_BLOCKS``
@@ -188,3 +150,35 @@ def kernel_grad(h: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], pads: 
         (g,) = vjp(dy[i, d0:d1, r0:r1])
         total = g if total is None else total + g
     return total.reshape(kh, kw, kd, c_in, c_out).transpose(2, 0, 1, 3, 4)
+
+
+def _kernel_grad_2d(h, dy, kernel_shape, pads):
+    """2D kernel gradient: a 2D convolution over a batch is a 3D one over a single volume with
+    a depth-1 kernel. h: (B, H, W, I); dy: (B, H', W', O) -> (kh, kw, I, O)."""
+    return kernel_grad(h[None], dy[None], (1, *kernel_shape), ((0, 0), *pads))[0]
+
+
+def _with_cpu_backward(forward, grad_kernel):
+    """``forward(h, kernel, pads)`` with a custom backward pass: the data gradient is the same
+    kind of convolution (of ``dy`` with the flipped, transposed kernel; for 3D this replaces
+    autodiff through the depth slicing, which makes large copies), the kernel gradient is
+    ``grad_kernel`` (blockwise, see :func:`kernel_grad`)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+    def f(h, kernel, pads):
+        return forward(h, kernel, pads)
+
+    def fwd(h, kernel, pads):
+        return forward(h, kernel, pads), (h, kernel)
+
+    def bwd(pads, res, dy):
+        h, kernel = res
+        dh = forward(dy, _flip(kernel), _transposed_pads(kernel.shape, pads))
+        return dh, grad_kernel(h, dy, kernel.shape, pads).astype(kernel.dtype)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+_conv2d_cpu = _with_cpu_backward(_conv2d_wide, _kernel_grad_2d)
+_conv3d_cpu = _with_cpu_backward(_conv3d_as_slices, kernel_grad)
