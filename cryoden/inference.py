@@ -42,7 +42,7 @@ DEFAULT_MODEL = {2: "unet", 3: "unet-3d"}
 DEFAULT_PADDING_3D = 48
 # XLA temporaries per pixel of the forward (compiled.memory_analysis()), plus input and output:
 # 644 B/px for every 2D U-net and for 3D on accelerators; on CPU the 3D convs run as sums of 2D
-# convs over depth slices (cryoden.conv), which needs ~2430 B/voxel.
+# convs over depth slices, side by side (cryoden.conv), which needs ~2460 B/voxel.
 BYTES_PER_PIXEL = {"unet": 660, "unet-small": 660, "fcnn": 530, "affine": 16}
 BYTES_PER_VOXEL_3D_CPU = 2500
 

@@ -335,9 +335,7 @@ class Affine(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        s = self.size
-        conv = nn.Conv(1, (s, s), padding=[(s // 2, s // 2)] * 2, dtype=self.dtype, name="filter")
-        return conv(x.astype(self.dtype)).astype(jnp.float32)
+        return Conv(1, self.size, 2, self.dtype, name="filter")(x).astype(jnp.float32)
 
 
 def build_model(spec: ModelSpec, dtype: Any = jnp.float32, polyphase: bool = True) -> nn.Module:
