@@ -1,4 +1,5 @@
-"""Process-wide JAX setup shared by inference and training: device kind and compilation cache.
+"""Process-wide setup shared by inference and training: device kind, compilation cache, and
+host memory reuse (:func:`keep_host_memory`).
 
 Call :func:`setup` once, before any JAX computation::
 
@@ -13,7 +14,9 @@ empty to disable the cache), else ``$XDG_CACHE_HOME/cryoden/jax``, else ``~/.cac
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import warnings
 from pathlib import Path
 
@@ -29,8 +32,32 @@ def cache_dir() -> Path | None:
     return Path(base) / "cryoden" / "jax"
 
 
+def keep_host_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS -> applied?
+
+    XLA:CPU allocates each run's intermediates (3.3 GB for a 3D training step at 64³, batch 2)
+    and frees them after the run. glibc hands blocks that large back to the OS, so every run
+    page-faults them in again, at ~4 GB/s: 30-40% of a 3D training step on CPU. With one heap
+    (``M_ARENA_MAX=1``), no separate mappings (``M_MMAP_MAX=0``) and no trimming
+    (``M_TRIM_THRESHOLD=-1``), later runs reuse the memory of the first: no page faults, and
+    the same peak resident memory (measured: 5.1 GB vs 5.3 GB default on that step); the
+    process simply holds its peak until it exits. Call it before JAX starts (each thread
+    that has allocated keeps its own heap). Env ``CRYODEN_KEEP_HOST_MEMORY=0`` turns it off;
+    returns False then, and on other C libraries (nothing to do there).
+    """
+    if os.environ.get("CRYODEN_KEEP_HOST_MEMORY", "1") == "0":
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # <malloc.h>
+    ok = libc.mallopt(m_arena_max, 1) and libc.mallopt(m_mmap_max, 0)
+    return bool(ok and libc.mallopt(m_trim_threshold, -1))
+
+
 def setup(device: str | None = None, cache: bool = True) -> list:
-    """Select the device kind and enable the persistent compilation cache -> devices to use.
+    """Select the device kind, enable the persistent compilation cache and host memory reuse
+    (:func:`keep_host_memory`) -> devices to use.
 
     device: ``'cpu'``, ``'gpu'``, ``'tpu'``, or None for JAX's default (an accelerator when there
     is one). ``'cpu'`` also keeps JAX from initialising any accelerator, when called before JAX
@@ -39,6 +66,7 @@ def setup(device: str | None = None, cache: bool = True) -> list:
     """
     if device is not None and device not in PLATFORMS:
         raise ValueError(f"unknown device {device!r} (expected one of {', '.join(PLATFORMS)})")
+    keep_host_memory()
     import jax
 
     if device == "cpu":

@@ -84,7 +84,10 @@ def worker(args) -> None:
     x = INPUTS[args.input]()
     times = []
     if args.impl == "cryoden":
+        from cryoden import runtime
         from cryoden.inference import Denoiser
+
+        runtime.keep_host_memory()  # as `cryoden infer` runs (runtime.setup)
 
         d = Denoiser(args.model, ndim=x.ndim)
         kw = {}

@@ -5,9 +5,12 @@ One Noise2Noise step = forward, L2 loss, backward, Adagrad (lr 1e-3) update, on 
 batch for both. cryoden runs its real training step (``cryoden.train.step.make_train_step``,
 jitted with the shardings and buffer donation the training loop uses); Topaz runs its own
 ``UDenoiseNet`` / ``UDenoiseNet3D`` with ``torch.optim.Adagrad`` and ``nn.MSELoss`` as in
-``topaz.denoising.models.__epoch``. Both warm up, then timed steps alternate (cryoden, Topaz,
-cryoden, ...) so background load hits both alike; the median of ``--steps`` steps of each is
-reported (data loading excluded on both sides).
+``topaz.denoising.models.__epoch``. Each side runs in its own process, as each tool runs:
+cryoden with its host-memory policy (``cryoden.runtime.keep_host_memory``, applied by its CLIs;
+freed memory is reused instead of page-faulted in again every step), Topaz with glibc's
+defaults; a second Topaz process with cryoden's policy gives the like-for-like ratio too. All
+warm up, then timed steps alternate (cryoden, Topaz, Topaz', cryoden, ...) so background load
+hits them alike; the median of ``--steps`` steps of each is reported (data loading excluded).
 
 Usage::
 
@@ -19,8 +22,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -113,21 +119,69 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench(ndim: int, crop: int, batch: int, steps: int, warmup: int) -> tuple[dict, dict]:
-    """Warm both up, then alternate timed steps (ours, theirs, ours, ...) so a fluctuating
-    background load hits both alike; median seconds per step of each."""
-    ours, ours_info = setup_cryoden(ndim, crop, batch)
-    ref, ref_info = setup_topaz(ndim, crop, batch)
+def worker(impl: str, ndim: int, crop: int, batch: int, warmup: int, keep_memory: bool) -> None:
+    """One side in its own process: set up, warm up, then one timed step per ``step`` line on
+    stdin, each answered with ``@@ seconds``. ``keep_memory`` applies cryoden's host-memory
+    policy (:func:`cryoden.runtime.keep_host_memory`) before anything allocates."""
+    if keep_memory:
+        from cryoden import runtime
+
+        runtime.keep_host_memory()
+    setup = setup_cryoden if impl == "cryoden" else setup_topaz
+    run, info = setup(ndim, crop, batch)
     for _ in range(warmup):
-        ours()
-        ref()
-    t_ours, t_ref = [], []
+        run()
+    print("@@", json.dumps(info), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        print("@@", timed(run), flush=True)
+
+
+class Worker:
+    """A worker process driven over pipes (see :func:`worker`)."""
+
+    def __init__(self, impl, ndim, crop, batch, warmup, keep_memory):
+        cmd = [sys.executable, __file__, "--worker", impl, "--worker-case"]
+        cmd += [str(v) for v in (ndim, crop, batch, warmup, int(keep_memory))]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = json.loads(self._answer())
+
+    def _answer(self) -> str:
+        for line in self.proc.stdout:
+            if line.startswith("@@ "):
+                return line[3:]
+        raise RuntimeError(f"benchmark worker {self.proc.args} exited ({self.proc.wait()})")
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return float(self._answer())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def bench(ndim, crop, batch, steps, warmup, keep_ours) -> tuple[dict, dict, dict]:
+    """Each side in its own process, set up one after the other: cryoden as its CLIs run it
+    (host-memory policy on unless ``keep_ours`` is False), Topaz as it runs (glibc defaults), and
+    Topaz again with cryoden's host-memory policy, for a like-for-like allocator. Then timed
+    steps alternate (ours, Topaz, Topaz', ours, ...) so a fluctuating background load hits all
+    alike, and only one computes at a time. Median seconds of each."""
+    sides = [
+        Worker("cryoden", ndim, crop, batch, warmup, keep_ours),
+        Worker("topaz", ndim, crop, batch, warmup, False),
+        Worker("topaz", ndim, crop, batch, warmup, True),
+    ]
+    times = [[] for _ in sides]
     for _ in range(steps):
-        t_ours.append(timed(ours))
-        t_ref.append(timed(ref))
-    ours_info["seconds"] = statistics.median(t_ours)
-    ref_info["seconds"] = statistics.median(t_ref)
-    return ours_info, ref_info
+        for side, t in zip(sides, times, strict=True):
+            t.append(side.step())
+    for side, t in zip(sides, times, strict=True):
+        side.close()
+        side.info["seconds"] = statistics.median(t)
+    return tuple(side.info for side in sides)
 
 
 def main() -> None:
@@ -142,7 +196,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--only", choices=["2d", "3d"])
+    p.add_argument(
+        "--no-keep-memory",
+        action="store_true",
+        help="run cryoden with glibc's default allocator policy (CRYODEN_KEEP_HOST_MEMORY=0)",
+    )
+    p.add_argument("--worker", choices=["cryoden", "topaz"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-case", type=int, nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker:
+        ndim, crop, batch, warmup, keep = args.worker_case
+        return worker(args.worker, ndim, crop, batch, warmup, bool(keep))
     if args.paper:
         args.crop2d, args.batch2d, args.crop3d, args.batch3d = 800, 4, 96, 10
     cases = [(2, args.crop2d, args.batch2d), (3, args.crop3d, args.batch3d)]
@@ -151,11 +215,14 @@ def main() -> None:
 
     rows = []
     for ndim, crop, batch in cases:
-        ours, ref = bench(ndim, crop, batch, args.steps, args.warmup)
-        rows.append((ndim, crop, batch, ours, ref))
+        ours, ref, ref_kept = bench(
+            ndim, crop, batch, args.steps, args.warmup, not args.no_keep_memory
+        )
+        rows.append((ndim, crop, batch, ours, ref, ref_kept))
         print(
             f"# {ndim}D done: cryoden {ours['seconds']:.3f} s/step "
-            f"(compile {ours['compile_s']:.1f} s), Topaz {ref['seconds']:.3f} s/step",
+            f"(compile {ours['compile_s']:.1f} s), Topaz {ref['seconds']:.3f} s/step, "
+            f"Topaz with cryoden's allocator policy {ref_kept['seconds']:.3f} s/step",
             flush=True,
         )
 
@@ -163,16 +230,21 @@ def main() -> None:
     print(
         f"\ndevice: {rows[0][3]['device']}, {os.cpu_count()} CPU cores, torch threads "
         f"{rows[0][4]['threads']}, load average {load:.2f}; median of {args.steps} steps "
-        f"after {args.warmup} warm-up\n"
+        f"after {args.warmup} warm-up; cryoden host-memory policy "
+        f"{'off' if args.no_keep_memory else 'on (as its CLIs run)'}\n"
     )
-    print("| model | batch | cryoden steps/s | Topaz steps/s | ratio | cryoden GFLOP/s |")
-    print("|---|---|---|---|---|---|")
-    for ndim, crop, batch, ours, ref in rows:
+    print(
+        "| model | batch | cryoden steps/s | Topaz steps/s | ratio | Topaz, same allocator "
+        "policy, steps/s | ratio | cryoden GFLOP/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for ndim, crop, batch, ours, ref, ref_kept in rows:
         name = f"{'U-net 2D' if ndim == 2 else 'U-net 3D'} {'x'.join([str(crop)] * ndim)}"
         rate = ours["flops"] / ours["seconds"] / 1e9
         print(
             f"| {name} | {batch} | {1 / ours['seconds']:.3f} | {1 / ref['seconds']:.3f} | "
-            f"{ref['seconds'] / ours['seconds']:.2f}x | {rate:.0f} |"
+            f"{ref['seconds'] / ours['seconds']:.2f}x | {1 / ref_kept['seconds']:.3f} | "
+            f"{ref_kept['seconds'] / ours['seconds']:.2f}x | {rate:.0f} |"
         )
 
 

@@ -20,6 +20,11 @@ CASES = [
     ((2, 7, 9, 8), 3, 4, 3, ((1, 1), (1, 1), (1, 1))),
     ((1, 6, 5, 7), 2, 3, 3, ((1, 0), (0, 1), (1, 1))),
     ((2, 5, 6, 7), 1, 3, 5, ((2, 2), (2, 2), (2, 2))),
+    # one output channel (matrix product + shifted sum; swapped kernel gradient)
+    ((2, 11, 9), 16, 1, 5, ((2, 2), (1, 3))),
+    ((1, 5, 6, 7), 16, 1, 3, ((1, 1), (0, 2), (1, 1))),
+    ((2, 9, 8), 5, 2, 3, ((1, 1), (2, 0))),  # few outputs: swapped kernel gradient only
+    ((2, 4, 5, 6), 8, 16, 3, ((1, 1), (1, 1), (0, 2))),
 ]
 
 
@@ -56,6 +61,20 @@ def test_conv_and_grads_equal_native(
     for g, g_ref in zip(grads, grads_ref, strict=True):
         assert g.shape == g_ref.shape and g.dtype == g_ref.dtype
         assert _rel(g, g_ref) < 1e-5
+
+
+def test_one_output_forward_is_a_matrix_product():
+    """The 1-output form is really taken (no convolution in the forward HLO) when taps are few
+    next to the input channels, and not for a 1->1 filter (whose taps would outnumber them)."""
+    pads = ((2, 2), (2, 2))
+    few_taps = jax.jit(C.conv, static_argnums=2).lower(
+        jnp.ones((1, 8, 8, 16)), jnp.ones((5, 5, 16, 1)), pads
+    )
+    assert "convolution" not in few_taps.as_text()
+    affine = jax.jit(C.conv, static_argnums=2).lower(
+        jnp.ones((1, 8, 8, 1)), jnp.ones((5, 5, 1, 1)), pads
+    )
+    assert "convolution" in affine.as_text()
 
 
 def test_kernel_grad_is_blockwise_when_asked(monkeypatch):

@@ -78,8 +78,10 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    from cryoden import runtime
     from cryoden.train import mesh
 
+    runtime.keep_host_memory()  # before JAX starts its threads
     mesh.initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
     import jax
 
