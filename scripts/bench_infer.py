@@ -87,7 +87,7 @@ def worker(args) -> None:
         from cryoden import runtime
         from cryoden.inference import Denoiser
 
-        runtime.keep_host_memory()  # as `cryoden infer` runs (runtime.setup)
+        runtime.keep_host_memory(default=False)  # as `cryoden infer` runs (runtime.setup)
 
         d = Denoiser(args.model, ndim=x.ndim)
         kw = {}

@@ -6,9 +6,10 @@ batch for both. cryoden runs its real training step (``cryoden.train.step.make_t
 jitted with the shardings and buffer donation the training loop uses); Topaz runs its own
 ``UDenoiseNet`` / ``UDenoiseNet3D`` with ``torch.optim.Adagrad`` and ``nn.MSELoss`` as in
 ``topaz.denoising.models.__epoch``. Each side runs in its own process, as each tool runs:
-cryoden with its host-memory policy (``cryoden.runtime.keep_host_memory``, applied by its CLIs;
-freed memory is reused instead of page-faulted in again every step), Topaz with glibc's
-defaults; a second Topaz process with cryoden's policy gives the like-for-like ratio too. All
+cryoden with its host-memory policy (``cryoden.runtime.keep_host_memory``, applied by
+``cryoden train``: freed memory is reused instead of page-faulted in again every step), Topaz
+with glibc's defaults; a second Topaz process with cryoden's policy gives the like-for-like
+ratio too. Each process's peak resident memory is reported as well. All
 warm up, then timed steps alternate (cryoden, Topaz, Topaz', cryoden, ...) so background load
 hits them alike; the median of ``--steps`` steps of each is reported (data loading excluded).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -123,10 +125,9 @@ def worker(impl: str, ndim: int, crop: int, batch: int, warmup: int, keep_memory
     """One side in its own process: set up, warm up, then one timed step per ``step`` line on
     stdin, each answered with ``@@ seconds``. ``keep_memory`` applies cryoden's host-memory
     policy (:func:`cryoden.runtime.keep_host_memory`) before anything allocates."""
-    if keep_memory:
-        from cryoden import runtime
+    from cryoden import runtime
 
-        runtime.keep_host_memory()
+    runtime.keep_host_memory(default=keep_memory)  # env CRYODEN_KEEP_HOST_MEMORY overrides
     setup = setup_cryoden if impl == "cryoden" else setup_topaz
     run, info = setup(ndim, crop, batch)
     for _ in range(warmup):
@@ -136,6 +137,7 @@ def worker(impl: str, ndim: int, crop: int, batch: int, warmup: int, keep_memory
         if line.strip() != "step":
             break
         print("@@", timed(run), flush=True)
+    print("@@", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flush=True)
 
 
 class Worker:
@@ -159,6 +161,10 @@ class Worker:
         return float(self._answer())
 
     def close(self) -> None:
+        """End the worker; its peak resident memory goes to ``info['maxrss']`` (bytes)."""
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        self.info["maxrss"] = int(self._answer())
         self.proc.stdin.close()
         self.proc.wait()
 
@@ -235,16 +241,18 @@ def main() -> None:
     )
     print(
         "| model | batch | cryoden steps/s | Topaz steps/s | ratio | Topaz, same allocator "
-        "policy, steps/s | ratio | cryoden GFLOP/s |"
+        "policy, steps/s | ratio | cryoden GFLOP/s | peak RSS GiB: cryoden, Topaz, Topaz' |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for ndim, crop, batch, ours, ref, ref_kept in rows:
         name = f"{'U-net 2D' if ndim == 2 else 'U-net 3D'} {'x'.join([str(crop)] * ndim)}"
         rate = ours["flops"] / ours["seconds"] / 1e9
         print(
             f"| {name} | {batch} | {1 / ours['seconds']:.3f} | {1 / ref['seconds']:.3f} | "
             f"{ref['seconds'] / ours['seconds']:.2f}x | {1 / ref_kept['seconds']:.3f} | "
-            f"{ref_kept['seconds'] / ours['seconds']:.2f}x | {rate:.0f} |"
+            f"{ref_kept['seconds'] / ours['seconds']:.2f}x | {rate:.0f} | "
+            + ", ".join(f"{i['maxrss'] / 2**30:.1f}" for i in (ours, ref, ref_kept))
+            + " |"
         )
 
 

@@ -15,7 +15,7 @@ PROBE = """
 import json, resource, sys
 import numpy as np
 from cryoden import runtime
-applied = runtime.keep_host_memory() if sys.argv[1] == "keep" else False
+applied = runtime.keep_host_memory(default=sys.argv[1] == "keep")
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a = np.ones(128 * 2**20, np.float32)
@@ -26,11 +26,12 @@ print(json.dumps({"applied": applied, "faults": faults()}))
 """
 
 
-def _probe(mode: str, env_off: bool = False) -> dict:
-    env = {"CRYODEN_KEEP_HOST_MEMORY": "0"} if env_off else {}
+def _probe(mode: str, env: str | None = None) -> dict:
+    """Run PROBE with ``keep_host_memory(default=mode == 'keep')`` and env override ``env``."""
+    env = {} if env is None else {"CRYODEN_KEEP_HOST_MEMORY": env}
     out = subprocess.run(
         [sys.executable, "-c", PROBE, mode],
-        env={**os.environ, **env},
+        env={**{k: v for k, v in os.environ.items() if k != "CRYODEN_KEEP_HOST_MEMORY"}, **env},
         capture_output=True,
         text=True,
         check=True,
@@ -48,5 +49,8 @@ def test_freed_memory_is_reused_without_page_faults():
     assert default["faults"] > kept["faults"] + 100
 
 
-def test_opt_out_by_environment():
-    assert _probe("keep", env_off=True)["applied"] is False
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator policy")
+def test_environment_overrides_the_default():
+    assert _probe("keep", env="0")["applied"] is False
+    forced = _probe("default", env="1")
+    assert forced["applied"] is True and forced["faults"] < 20
