@@ -170,7 +170,7 @@ class Worker:
 
 
 def bench(ndim, crop, batch, steps, warmup, keep_ours) -> tuple[dict, dict, dict]:
-    """Each side in its own process, set up one after the other: cryoden as its CLIs run it
+    """Each side in its own process, set up one after the other: cryoden as `cryoden train` runs it
     (host-memory policy on unless ``keep_ours`` is False), Topaz as it runs (glibc defaults), and
     Topaz again with cryoden's host-memory policy, for a like-for-like allocator. Then timed
     steps alternate (ours, Topaz, Topaz', ours, ...) so a fluctuating background load hits all
@@ -237,7 +237,7 @@ def main() -> None:
         f"\ndevice: {rows[0][3]['device']}, {os.cpu_count()} CPU cores, torch threads "
         f"{rows[0][4]['threads']}, load average {load:.2f}; median of {args.steps} steps "
         f"after {args.warmup} warm-up; cryoden host-memory policy "
-        f"{'off' if args.no_keep_memory else 'on (as its CLIs run)'}\n"
+        f"{'off' if args.no_keep_memory else 'on (as cryoden train runs)'}\n"
     )
     print(
         "| model | batch | cryoden steps/s | Topaz steps/s | ratio | Topaz, same allocator "
