@@ -127,7 +127,7 @@ def worker(impl: str, ndim: int, crop: int, batch: int, warmup: int, keep_memory
     policy (:func:`cryoden.runtime.keep_host_memory`) before anything allocates."""
     from cryoden import runtime
 
-    runtime.keep_host_memory(default=keep_memory)  # env CRYODEN_KEEP_HOST_MEMORY overrides
+    runtime.keep_host_memory(default=keep_memory)  # Worker clears the env override
     setup = setup_cryoden if impl == "cryoden" else setup_topaz
     run, info = setup(ndim, crop, batch)
     for _ in range(warmup):
@@ -146,7 +146,12 @@ class Worker:
     def __init__(self, impl, ndim, crop, batch, warmup, keep_memory):
         cmd = [sys.executable, __file__, "--worker", impl, "--worker-case"]
         cmd += [str(v) for v in (ndim, crop, batch, warmup, int(keep_memory))]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # the flags decide each side's policy: an exported CRYODEN_KEEP_HOST_MEMORY would
+        # otherwise override all three alike
+        env = {k: v for k, v in os.environ.items() if k != "CRYODEN_KEEP_HOST_MEMORY"}
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
         self.info = json.loads(self._answer())
 
     def _answer(self) -> str:
@@ -205,7 +210,8 @@ def main() -> None:
     p.add_argument(
         "--no-keep-memory",
         action="store_true",
-        help="run cryoden with glibc's default allocator policy (CRYODEN_KEEP_HOST_MEMORY=0)",
+        help="run cryoden with glibc's default allocator policy, as CRYODEN_KEEP_HOST_MEMORY=0 "
+        "does for cryoden train",
     )
     p.add_argument("--worker", choices=["cryoden", "topaz"], help=argparse.SUPPRESS)
     p.add_argument("--worker-case", type=int, nargs=5, help=argparse.SUPPRESS)
