@@ -10,6 +10,10 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc", reason="glibc's allocator policy"
+)
+
 # Allocate and free a 512 MiB block twice; report the page faults of the second time.
 PROBE = """
 import json, resource, sys
@@ -39,7 +43,6 @@ def _probe(mode: str, env: str | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator policy")
 def test_freed_memory_is_reused_without_page_faults():
     kept, default = _probe("keep"), _probe("default")
     assert kept["applied"] is True
@@ -49,7 +52,6 @@ def test_freed_memory_is_reused_without_page_faults():
     assert default["faults"] > kept["faults"] + 100
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator policy")
 def test_environment_overrides_the_default():
     assert _probe("keep", env="0")["applied"] is False
     forced = _probe("default", env="1")
