@@ -1,53 +1,75 @@
 """Denoise micrographs, image stacks and tomograms with pretrained or trained models.
 
-Example::
+Examples:
+  cryoden infer micrographs/*.mrc -o denoised/
+  cryoden infer tomo.rec -o denoised/ --model unet-3d-20a --device gpu
+  cryoden infer data/ -o png/ --format png --suffix _dn
 
-    cryoden infer micrographs/*.mrc -o denoised/
-    cryoden infer tomo.rec -o denoised/ --model unet-3d-20a --device gpu
-    python -m cryoden.infer data/ -o png/ --format png --suffix _dn
+Inputs are image files (.mrc .mrcs .map .rec .st .ali .tif .tiff .png) or folders, which give
+the image files directly inside them. Each is written to OUTDIR/<name><suffix><ext>. Format
+auto keeps the input's format and extension; mrc writes float32 MRC (an MRC input keeps its
+extension, others get .mrc); tiff writes float32 .tif; png writes an 8-bit .png of a single 2D
+image (normalised, -3..+3 std mapped to 0..255): a stack or volume given with --format png is
+refused before any work (use mrc or tiff). MRC output keeps the input's voxel size, origin and
+extended header.
 
-Inputs: image files (.mrc .mrcs .map .rec .st .ali .tif .tiff .png) or directories, which expand
-to the image files directly inside them. Each is read, denoised and written to
-``OUTDIR/<name><suffix><ext>``: ``--format auto`` (default) keeps the input's format and extension;
-``mrc`` writes float32 MRC (an MRC input keeps its extension, others get ``.mrc``), ``tiff``
-float32 ``.tif``, ``png`` 8-bit ``.png`` (2D only, normalised, +-3 std mapped to 0..255).
-MRC output keeps the input's voxel size, origin and extended header.
+Your files are safe: every output path is planned before any work. When an output (or the run
+record) would replace a file that is an input of the run, or two inputs would share an output,
+the run stops at once with exit status 2 and writes nothing.
 
-Kinds (``--kind auto`` decides per file, see :mod:`cryoden.io`): a ``2d`` image and each slice
-of a ``stack`` go through the 2D model (default ``unet``); a ``volume`` through the 3D model
-(default ``unet-3d``). Several ``--model`` are averaged. Denoised images are for visualisation,
-picking and segmentation: extract particles for reconstruction from the raw data.
+Kinds: with --kind auto each file decides. One section is 2d. The extension decides for .mrcs,
+.st, .ali (stacks) and .rec, .map (volumes); for .mrc the MRC space group does (0: stack, 1-230:
+volume); a TIFF is a volume when it has an ImageJ Z axis, otherwise a stack. Before each file
+a line gives its kind and what decided it, the shape, the model and the tiling; 'weak cue' marks
+a decision the file does not state clearly (space group and mz disagree, mrcfile's default
+header, a plain multi-page TIFF): check it, and use --kind to override. A 2d image and each
+slice of a stack go through the 2D model (default unet), a volume through the 3D model (default
+unet-3d); several --model are averaged. Denoised images are for visualisation, picking and
+segmentation: extract particles for reconstruction from the raw data.
 
-A file that cannot be read, denoised or written is reported on one line
-(``cryoden: error: <file>: <problem>``), leaves no output, and the run goes on; the exit status
-is then 1. Bad options, a model that does not exist, an unusable device or output directory stop
-the run before any file, with exit status 2. Compiled kernels are cached on disk (see
-:mod:`cryoden.runtime`; env ``CRYODEN_CACHE_DIR``). ``OUTDIR/cryoden-infer.json`` records the
-version, command line, options and per-file outcome of the last run.
+Errors: a file that cannot be read, denoised or written is reported on one line
+("cryoden: error: FILE: problem"), leaves no output, and the run goes on; the exit status is
+then 1. Bad options, a model that does not exist, an unusable device, output folder or
+CRYODEN_MEMORY_BUDGET stop the run before any file, with exit status 2. Ctrl-C (or SIGTERM)
+removes the unfinished output, writes the record and exits with status 130 (143).
+
+Progress goes to stderr: bars on a terminal, plain lines in a log file; -q keeps only errors.
+OUTDIR/cryoden-infer.json records the version, command line, options and per-file outcome of
+the last run. Temporary files that a killed cryoden left in OUTDIR are removed by the next run.
+Environment: CRYODEN_MEMORY_BUDGET (bytes, or with a K, M, G or T suffix) caps the memory of one
+tile batch (default: 60% of an accelerator's memory, 40% of RAM on CPU); CRYODEN_CACHE_DIR is
+where compiled kernels are cached.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-OUT_EXT = {"mrc": ".mrc", "tiff": ".tif", "png": ".png"}
+from cryoden import outputs
+
 RECORD = "cryoden-infer.json"
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or directories")
-    parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    parser.add_argument(
+        "-o", "--output", required=True, metavar="OUTDIR", help="output folder (made if needed)"
+    )
     a = parser.add_argument_group("model")
     a.add_argument(
         "-m",
         "--model",
         action="append",
         metavar="MODEL",
-        help="pretrained name, weights file or training run directory; repeat to "
+        help="pretrained name, weights file or training run folder; repeat to "
         "average (default: unet for 2D, unet-3d for volumes)",
     )
     a.add_argument(
@@ -66,7 +88,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--kind",
         choices=("auto", "2d", "stack", "volume"),
         default="auto",
-        help="how to treat each file (default: auto, from the file)",
+        help="how to treat each file (default: auto, from the file; see Kinds above)",
     )
     a.add_argument(
         "--patch-size",
@@ -81,11 +103,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         metavar="PX",
         help="tile margin per side (default: the receptive field in 2D, exact; 48 in 3D)",
     )
-    a.add_argument("--batch-size", type=int, metavar="N", help="tiles per device per step")
+    a.add_argument(
+        "--batch-size", type=int, metavar="N", help="tiles per device per step (default: 1)"
+    )
     a.add_argument(
         "--normalize",
         action="store_true",
-        help="keep the output normalised (zero mean, unit std of the input)",
+        help="keep the output normalised, zero mean and unit std of the input (default: off, "
+        "the input's mean and std are restored)",
     )
     a.add_argument(
         "--lowpass",
@@ -99,24 +124,33 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         metavar="SIGMA",
-        help="Gaussian filter sigma in px: before denoising in 2D, after in 3D",
+        help="Gaussian filter sigma in px: before denoising in 2D, after in 3D (default: 0, off)",
     )
     a.add_argument(
         "--topaz-compat",
         action="store_true",
         help="whole image, unpadded: Topaz's exact numbers at sizes that are not a "
-        "multiple of the network stride",
+        "multiple of the network stride (default: off, tiled)",
     )
     a = parser.add_argument_group("output")
     a.add_argument(
         "--format",
         choices=("auto", "mrc", "tiff", "png"),
         default="auto",
-        help="output format (default: auto, same as the input)",
+        help="output format; png only for single 2D images (default: auto, as the input)",
     )
-    a.add_argument("--suffix", default="", help="added to each output's base name (default: '')")
-    a.add_argument("--skip-existing", action="store_true", help="skip inputs whose output exists")
-    a.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    a.add_argument("--suffix", default="", help="added to each output's base name (default: none)")
+    a.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="skip inputs whose output exists (default: off, outputs are replaced)",
+    )
+    a.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no per-file lines, progress or summary; errors only (default: off)",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -129,47 +163,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def line(where: object, problem: object) -> str:
+    """``cryoden: error: <where>: <problem>`` on one line (no ``where``: the problem alone)."""
+    text = " ".join(str(problem).split())
+    if where is None:
+        return f"cryoden: error: {text}"
+    return f"cryoden: error: {where}: {text.removeprefix(f'{where}: ')}"
+
+
 def error(where: object, problem: object) -> None:
-    """Print ``cryoden: error: <where>: <problem>`` as one line on stderr."""
-    from tqdm import tqdm  # writes above any progress bar
+    """Print :func:`line` on stderr, above any progress bar."""
+    from tqdm import tqdm
 
-    text = " ".join(str(problem).split()).removeprefix(f"{where}: ")
-    tqdm.write(f"cryoden: error: {where}: {text}", file=sys.stderr)
-
-
-def expand(inputs: list[str]) -> list[Path]:
-    """Input arguments -> files; a directory gives its (non-hidden) image files, sorted."""
-    from cryoden.io import FORMATS
-
-    files = []
-    for s in inputs:
-        p = Path(s)
-        if p.is_dir():
-            files += sorted(
-                f
-                for f in p.iterdir()
-                if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in FORMATS
-            )
-        else:
-            files.append(p)
-    return files
-
-
-def output_path(src: Path, outdir: Path, fmt: str, suffix: str) -> Path:
-    """Where ``src`` is written: ``outdir/<stem><suffix><ext>``; ValueError for unknown input."""
-    from cryoden.io import image_format
-
-    in_fmt = image_format(src)
-    fmt = in_fmt if fmt == "auto" else fmt
-    ext = src.suffix if fmt == in_fmt else OUT_EXT[fmt]
-    return outdir / f"{src.stem}{suffix}{ext}"
+    tqdm.write(line(where, problem), file=sys.stderr)
 
 
 def _check_options(args: argparse.Namespace) -> str | None:
+    finite = math.isfinite(args.lowpass) and math.isfinite(args.gaussian)
     checks = [
         (args.patch_size is None or args.patch_size >= 1, "--patch-size must be >= 1"),
         (args.padding is None or args.padding >= 0, "--padding must be >= 0"),
         (args.batch_size is None or args.batch_size >= 1, "--batch-size must be >= 1"),
+        (finite, "--lowpass and --gaussian must be finite numbers"),
         (args.lowpass >= 1, "--lowpass must be >= 1 (1 is off)"),
         (args.gaussian >= 0, "--gaussian must be >= 0"),
         (
@@ -185,8 +200,8 @@ class Runner:
     are cached there), made on first use; a model that fails to load fails every later image of
     that dimensionality with the same error."""
 
-    def __init__(self, args: argparse.Namespace, devices: list, tile_bar):
-        self.args, self.devices, self.bar = args, devices, tile_bar
+    def __init__(self, args: argparse.Namespace, devices: list):
+        self.args, self.devices = args, devices
         self.denoisers: dict = {}  # ndim -> Denoiser, or the exception making it raised
         self.kw = dict(
             patch_size=args.patch_size,
@@ -213,53 +228,154 @@ class Runner:
             raise self.denoisers[ndim]
         return self.denoisers[ndim]
 
-    def __call__(self, data, kind: str):
-        """``data``: (H, W), (N, H, W) stack or (D, H, W) volume -> float32, same shape."""
+    def describe(self, data, kind: str) -> tuple[str, int, str]:
+        """-> (model and tiling of ``data`` as a phrase, steps of work, unit of a step)."""
+        from cryoden.inference import DEFAULT_MODEL
+        from cryoden.tiling import tile_shape
+
+        a, ndim = self.args, 3 if kind == "volume" else 2
+        den = self.denoiser(ndim)
+        models = a.model or [DEFAULT_MODEL[ndim]]
+        text = f"model {'+'.join(map(str, models))}, "
+        shape = data.shape[1:] if kind == "stack" else data.shape
+        if a.topaz_compat:
+            text += "whole image unpadded (--topaz-compat)"
+            n, per_call = 1, 1
+        else:
+            _, tiles, per_call = den.plan(shape, a.patch_size, a.padding, a.batch_size)
+            n = len(tiles)
+            size = "x".join(map(str, tile_shape(tiles)))
+            text += "whole image" if n == 1 else f"{n} tiles of {size}"
+        if kind == "stack":
+            return text + " per slice", len(data), "slice"
+        steps = -(-n // per_call) * len(models)  # kernel calls over all models
+        return text, steps, "tile" if per_call == 1 else "step"
+
+    def __call__(self, data, kind: str, update=None):
+        """``data``: (H, W), (N, H, W) stack or (D, H, W) volume -> float32, same shape.
+
+        update(done): progress in tile batches (2D, volume) or slices (stack)."""
         import numpy as np
 
         den = self.denoiser(3 if kind == "volume" else 2)
         if kind != "stack":
-            return den(np.asarray(data, np.float32), progress=self._progress(0, 1), **self.kw)
+            return den(np.asarray(data, np.float32), progress=self._batches(update), **self.kw)
         y = np.empty(data.shape, np.float32)
         for i, section in enumerate(data):
             try:
-                x = np.asarray(section, np.float32)
-                y[i] = den(x, progress=self._progress(i, len(y)), **self.kw)
+                y[i] = den(np.asarray(section, np.float32), **self.kw)
             except ValueError as e:
                 raise ValueError(f"slice {i}: {e}") from e
+            if update:
+                update(i + 1)
         return y
 
-    def _progress(self, i: int, n: int):
-        def update(done: int, total: int) -> None:  # section i of n: tile batch done of total
-            self.bar.total = total * n
-            self.bar.update(total * i + done - self.bar.n)
+    def _batches(self, update):
+        """Denoiser progress (done, total batches), once per model -> update(done over all)."""
+        if update is None:
+            return None
+        state = {"offset": 0, "last": 0}
 
-        return update
+        def progress(done: int, total: int) -> None:
+            if done < state["last"]:  # the next model started
+                state["offset"] += total
+            state["last"] = done
+            update(state["offset"] + done)
+
+        return progress
+
+
+def _problem(e: BaseException, budget: int | None) -> str:
+    """One-line description of a per-file failure."""
+    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+        now = f" (budget {budget / 2**30:.3g} GiB)" if budget else ""
+        return (
+            f"out of memory{now}: use a smaller --patch-size, or set CRYODEN_MEMORY_BUDGET "
+            f"(e.g. 4G) below what the device can hold"
+        )
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM raises KeyboardInterrupt('SIGTERM') here, as Ctrl-C raises KeyboardInterrupt."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    """Let nothing interrupt writing the record."""
+    try:
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _kind_text(img, forced: bool) -> str:
+    shape = "x".join(map(str, img.data.shape))
+    if forced:
+        return f"{img.kind} {shape} (--kind)"
+    if img.kind_weak:
+        return f"{img.kind} {shape} (weak cue: {img.kind_cue}; use --kind to override)"
+    return f"{img.kind} {shape} ({img.kind_cue})"
+
+
+def _check_kind(img, out: Path) -> None:
+    """Refuse before any work what the kind makes impossible."""
+    if img.kind == "volume" and img.data.shape[0] == 1:
+        raise ValueError(
+            "one 2D section cannot be denoised as a volume (--kind volume): "
+            "use --kind auto or 2d, or give a 3D file"
+        )
+    if out.suffix == ".png" and img.kind != "2d":
+        raise ValueError(outputs.png_problem(f"a {img.kind} of shape {img.data.shape}"))
 
 
 def main(args: argparse.Namespace) -> int:
-    """Denoise every input; 0 when all succeeded, 1 when some failed, 2 when none could start."""
+    """Denoise every input; 0 when all succeeded, 1 when some failed, 2 when none could start,
+    130 (143) when interrupted by SIGINT (SIGTERM)."""
     t0 = time.perf_counter()
     problem = _check_options(args)
     if problem:
         error("options", problem)
         return 2
     outdir = Path(args.output)
+    jobs = outputs.plan(args.inputs, outdir, args.format, args.suffix, args.skip_existing)
+    clash = outputs.conflicts(jobs, outdir / RECORD)
+    if clash:
+        error(None, clash)
+        return 2
     try:  # fail early on an unusable output directory
+        from cryoden import io
+
         outdir.mkdir(parents=True, exist_ok=True)
-        probe = outdir / f".cryoden-probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        io.new_temporary(outdir / "cryoden-probe").unlink()
     except OSError as e:
         error(outdir, f"cannot write to the output directory: {e.strerror or e}")
         return 2
 
-    import dataclasses
-    import json
-
-    from tqdm import tqdm
-
-    from cryoden import __version__, io, runtime, weights
+    from cryoden import runtime, weights
+    from cryoden.inference import memory_budget
 
     try:
         devices = runtime.setup(args.device)
@@ -268,41 +384,78 @@ def main(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as e:
         error("--device" if isinstance(e, RuntimeError) else "--model", e)
         return 2
+    try:
+        budget = memory_budget(devices[0])
+    except ValueError as e:
+        error(None, e)
+        return 2
+    io.remove_stale_temporaries(outdir, keep=[j.src for j in jobs])
 
-    files = expand(args.inputs)
-    quiet = True if args.quiet else None  # None: bars only on a terminal
-    file_bar = tqdm(files, unit="file", delay=1, disable=quiet or len(files) < 2)
-    tile_bar = tqdm(unit="tile", leave=False, position=len(files) > 1, delay=1, disable=quiet)
-    run = Runner(args, devices, tile_bar)
-    label = f"cryoden {__version__} infer, model {'+'.join(args.model or ['default'])}"[:80]
-    log, seen = [], {}
-    for src in file_bar:
-        entry = {"input": str(src)}
+    from cryoden.progress import Progress
+
+    show = Progress(len(jobs), args.quiet)
+    log: list[dict] = []
+    stopped = None
+    with _signals_interrupt():
         try:
-            out = output_path(src, outdir, args.format, args.suffix)
-            entry["output"] = str(out)
-            if src.exists() and out.exists() and out.samefile(src):
-                raise ValueError("output would overwrite the input; choose another -o or --suffix")
-            if out in seen:
-                raise ValueError(f"output {out} is already written for {seen[out]}")
-            seen[out] = src
-            if args.skip_existing and out.exists():
-                entry["status"] = "skipped"
-            else:
-                img = io.read(src, kind=None if args.kind == "auto" else args.kind)
-                entry["kind"] = img.kind
-                y = run(img.data, img.kind)
-                io.write(out, dataclasses.replace(img, data=y), label=label)
-                entry["status"] = "ok"
-        except Exception as e:  # one bad file must not stop the batch
-            msg = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
-            error(src, msg)
-            entry.update(status="failed", error=msg)
-        log.append(entry)
-    tile_bar.close()
+            _run(args, jobs, Runner(args, devices), show, log, budget)
+        except KeyboardInterrupt as e:
+            stopped = e.args[0] if e.args and e.args[0] in EXIT_SIGNAL else "SIGINT"
+            for entry in log:
+                entry.setdefault("status", "interrupted")
+        finally:
+            show.close()
+    with _signals_ignored():
+        return _finish(args, devices, log, outdir, time.perf_counter() - t0, stopped, show)
 
-    seconds = time.perf_counter() - t0
-    counts = {k: sum(e["status"] == k for e in log) for k in ("ok", "skipped", "failed")}
+
+def _run(args, jobs, run: Runner, show, log: list[dict], budget: int) -> None:
+    """Process every job in turn, appending its record entry to ``log`` as it starts."""
+    import dataclasses
+
+    from cryoden import __version__, io
+
+    label = f"cryoden {__version__} infer, model {'+'.join(args.model or ['default'])}"[:80]
+    inputs = set().union(*(outputs.identity(j.src) for j in jobs if os.path.lexists(j.src)))
+    for i, job in enumerate(jobs, 1):
+        entry = {"input": str(job.src)}
+        log.append(entry)
+        if job.out is not None:
+            entry["output"] = str(job.out)
+        tag, t = f"cryoden: [{i}/{len(jobs)}] {job.src}", time.perf_counter()
+        try:
+            if job.problem:
+                raise ValueError(job.problem)
+            if job.skip or args.skip_existing and os.path.lexists(job.out):
+                entry["status"] = "skipped"
+                show.say(f"{tag}: skipped, {job.out} exists")
+                continue
+            img = io.read(job.src, kind=None if args.kind == "auto" else args.kind)
+            entry["kind"] = img.kind
+            _check_kind(img, job.out)
+            what, steps, unit = run.describe(img.data, img.kind)
+            show.say(f"{tag}: {_kind_text(img, args.kind != 'auto')}, {what}")
+            y = run(img.data, img.kind, show.steps(job.src.name, steps, unit))
+            if outputs.identity(job.out) & inputs:  # appeared since the plan: never replace
+                raise ValueError(f"{job.out} is now an input of this run; not replaced")
+            io.write(job.out, dataclasses.replace(img, data=y), label=label)
+            entry["status"] = "ok"
+            show.say(f"{tag} -> {job.out} in {time.perf_counter() - t:.1f} s")
+        except Exception as e:  # one bad file must not stop the batch
+            msg = _problem(e, budget)
+            show.error(line(job.src, msg))
+            entry.update(status="failed", error=msg)
+        finally:
+            show.file_done()
+
+
+def _finish(args, devices, log, outdir: Path, seconds: float, stopped, show) -> int:
+    """Write the record, print the summary; -> exit status."""
+    import json
+
+    from cryoden import __version__, io
+
+    counts = {k: sum(e.get("status") == k for e in log) for k in ("ok", "skipped", "failed")}
     options = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     record = dict(
         version=__version__,
@@ -312,17 +465,23 @@ def main(args: argparse.Namespace) -> int:
         devices=[str(d) for d in devices],
         files=log,
     )
+    if stopped:
+        record["interrupted"] = stopped
     try:
         with io.atomic(outdir / RECORD) as tmp:
             tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
     except OSError as e:
-        error(outdir / RECORD, e.strerror or e)
-    if not args.quiet:
-        print(
-            f"cryoden: {counts['ok']} written, {counts['skipped']} skipped, "
-            f"{counts['failed']} failed in {seconds:.1f} s -> {outdir}",
-            file=sys.stderr,
-        )
+        show.error(line(outdir / RECORD, e.strerror or e))
+    summary = (
+        f"{counts['ok']} written, {counts['skipped']} skipped, {counts['failed']} failed "
+        f"in {seconds:.1f} s -> {outdir}"
+    )
+    if stopped:
+        where = next((e["input"] for e in log if e["status"] == "interrupted"), None)
+        during = f" during {where}" if where else ""
+        show.error(f"cryoden: interrupted by {stopped}{during}: {summary}; see {outdir / RECORD}")
+        return EXIT_SIGNAL[stopped]
+    show.say(f"cryoden: {summary}")
     return 1 if counts["failed"] else 0
 
 

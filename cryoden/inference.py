@@ -60,12 +60,24 @@ class _Net:
 
 def memory_budget(device: jax.Device) -> int:
     """Bytes a tile batch may use on ``device``: env ``CRYODEN_MEMORY_BUDGET`` (bytes, or with a
-    K/M/G suffix), else 60% of an accelerator's memory limit, else 40% of host RAM."""
-    env = os.environ.get("CRYODEN_MEMORY_BUDGET")
+    K/M/G/T suffix), else 60% of an accelerator's memory limit, else 40% of host RAM.
+
+    Raises ValueError (one line) when the variable is set but not a positive finite size.
+    """
+    env = os.environ.get("CRYODEN_MEMORY_BUDGET", "").strip()
     if env:
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
         mult = units.get(env[-1].upper(), 1)
-        return int(float(env[:-1] if env[-1].upper() in units else env) * mult)
+        try:
+            value = float(env[:-1] if env[-1].upper() in units else env) * mult
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= 1):
+            raise ValueError(
+                f"CRYODEN_MEMORY_BUDGET={env!r} is not a memory size: give a positive number of "
+                f"bytes, optionally with a K, M, G or T suffix (e.g. 8G)"
+            )
+        return int(value)
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and stats.get("bytes_limit"):
         return int(0.6 * stats["bytes_limit"])

@@ -17,6 +17,15 @@ Automatic kind, for files holding more than one section (``read(..., kind=...)``
 - TIFF: a ``Z`` axis (ImageJ ``slices``) makes a volume; any other multi-page file is a stack.
 - A single section is always ``'2d'``.
 
+``Image.kind_cue`` says what decided (``'extension .rec'``, ``'MRC space group 0, mz 1'``,
+``'ImageJ Z axis'``, ``'requested kind'``...), and ``Image.kind_weak`` is True when that cue is
+weak, i.e. the file may well mean the other kind. For a ``.mrc`` file MRC2014 labels an image
+stack ``ispg 0, mz 1`` and a volume ``ispg 1..230, mz == nz``; the cue is weak when the space
+group and ``mz`` disagree (old writers put ``ispg 0`` on tomograms), when the space group is
+outside both ranges, and when the header is mrcfile's default (``ispg 1``, only the label
+``Created by mrcfile.py``): ``mrcfile.new`` labels every 3D array a volume, stacks included.
+A TIFF without an ImageJ ``Z`` or ``T`` axis (plain multi-page) is a stack on a weak cue.
+
 Formats: MRC modes 0 (int8; IMOD's unsigned bytes are recognised), 1 (int16), 2 (float32),
 6 (uint16), 12 (float16) are read, and written as float32 (mode 2) with voxel size, origin, axis
 order, cell angles, labels and extended header (with ``exttyp``/``nversion``) copied from the
@@ -34,8 +43,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
+import re
 import secrets
+import socket
+import stat
+import time
 from pathlib import Path
 
 import mrcfile
@@ -67,6 +81,7 @@ class Image:
     voxel_size, origin: ``(x, y, z)`` in Å, or None where the file does not say.
     extended_header, exttyp, nversion: the MRC extended header's raw bytes and how to read them.
     header: the source MRC header (a numpy record), None for TIFF and PNG.
+    kind_cue, kind_weak: what decided ``kind``, and whether that is a weak cue (module doc).
     """
 
     data: np.ndarray
@@ -77,6 +92,8 @@ class Image:
     exttyp: bytes = b""
     nversion: int = 0
     header: np.record | None = None
+    kind_cue: str = ""
+    kind_weak: bool = False
 
 
 def image_format(path: str | os.PathLike) -> str:
@@ -127,7 +144,10 @@ def _with_kind(img: Image, kind: str) -> Image:
         data = data[None]
     if data.ndim != (2 if kind == "2d" else 3):
         raise ValueError(f"kind {kind!r} does not fit data of shape {img.data.shape}")
-    return dataclasses.replace(img, data=data, kind=kind)
+    if kind == img.kind:
+        return dataclasses.replace(img, data=data)
+    cue = dict(kind_cue="requested kind", kind_weak=False)
+    return dataclasses.replace(img, data=data, kind=kind, **cue)
 
 
 def _read_mrc(path: Path) -> Image:
@@ -155,15 +175,12 @@ def _read_mrc(path: Path) -> Image:
                 f"supported; split the file into single volumes"
             )
         data = data[0]
-    if data.ndim == 2 or data.shape[0] == 1:
-        kind = "2d"
-    elif ext_name in _MRC_STACK_EXT or ext_name not in _MRC_VOLUME_EXT and ispg == 0:
-        kind = "stack"
-    else:
-        kind = "volume"
+    kind, cue, weak = _mrc_kind(h, data.shape, ext_name)
     return Image(
         data,
         kind,
+        kind_cue=cue,
+        kind_weak=weak,
         voxel_size=(float(vs.x), float(vs.y), float(vs.z)),
         origin=tuple(float(v) for v in h.origin.item()),
         extended_header=ext,
@@ -196,7 +213,37 @@ def _read_tiff(path: Path) -> Image:
     vs = None
     if scale and res and all(res):
         vs = (scale / res[0], scale / res[1], scale * float(ij.get("spacing", 0.0)))
-    return Image(data, {"YX": "2d", "ZYX": "volume"}.get(axes, "stack"), voxel_size=vs)
+    kind = {"YX": "2d", "ZYX": "volume"}.get(axes, "stack")
+    cue, weak = {
+        "2d": ("one section", False),
+        "volume": ("ImageJ Z axis", False),
+    }.get(kind, ("ImageJ T axis", False) if axes[0] == "T" else ("pages without a Z axis", True))
+    return Image(data, kind, voxel_size=vs, kind_cue=cue, kind_weak=weak)
+
+
+def _mrc_kind(h: np.record, shape: tuple[int, ...], ext: str) -> tuple[str, str, bool]:
+    """(kind, cue, weak) of MRC data of ``shape`` (after dropping a 4D file's volume axis)."""
+    if len(shape) == 2 or shape[0] == 1:
+        return "2d", "one section", False
+    if ext in _MRC_STACK_EXT:
+        return "stack", f"extension {ext}", False
+    if ext in _MRC_VOLUME_EXT:
+        return "volume", f"extension {ext}", False
+    ispg, mz, nz = int(h.ispg), int(h.mz), shape[0]
+    if ispg == 0:
+        if mz == 1:
+            return "stack", "MRC space group 0, mz 1", False
+        return "stack", f"MRC space group 0 (a stack) but mz {mz} (a stack has mz 1)", True
+    if 401 <= ispg <= 630:
+        return "volume", f"MRC space group {ispg} (volume stack)", False
+    if not 1 <= ispg <= 230:
+        return "volume", f"MRC space group {ispg} (neither stack nor volume)", True
+    labels = [bytes(lb).strip(b"\0 ") for lb in h.label[: max(0, min(int(h.nlabl), 10))]]
+    if ispg == 1 and len(labels) == 1 and labels[0].startswith(b"Created by mrcfile.py"):
+        return "volume", "MRC space group 1, mrcfile's default for any 3D array", True
+    if mz != nz:
+        return "volume", f"MRC space group {ispg} (a volume) but mz {mz} (not {nz})", True
+    return "volume", f"MRC space group {ispg}, mz {mz}", False
 
 
 def _read_png(path: Path) -> Image:
@@ -209,7 +256,7 @@ def _read_png(path: Path) -> Image:
             data = np.asarray(im)
     if data.dtype == bool:
         data = data.astype(np.uint8)
-    return Image(data, "2d")
+    return Image(data, "2d", kind_cue="PNG", kind_weak=False)
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
@@ -247,11 +294,25 @@ def write(path: str | os.PathLike, img: Image, label: str | None = None) -> None
         raise ValueError(f"{path}: cannot write: {e.strerror or e}") from e
 
 
+# Temporaries are ``.<name>.cryoden-<host>-<pid>-<hex>.tmp``: <host> is a hash of the host name,
+# so a folder shared between machines is safe, <pid> the writing process.
+_TMP = re.compile(r"^\.(.+)\.cryoden-([0-9a-f]{8})-([0-9]+)-[0-9a-f]{8}\.tmp$")
+_OLD_TMP = re.compile(r"^\.(.+)\.[0-9a-f]{8}\.tmp$")  # older cryodens: no writer named
+STALE_AGE = 24 * 3600.0  # s: a temporary not written to for this long is abandoned
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
 @contextlib.contextmanager
 def atomic(path: Path):
-    """Yield a new temporary path beside ``path``; on success fsync it and rename it to ``path``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # honours the umask
+    """Yield a new temporary path beside ``path``; on success fsync it and rename it to ``path``.
+
+    On any exception (KeyboardInterrupt included) the temporary is removed; one left by a killed
+    process is recognised by :func:`remove_stale_temporaries`.
+    """
+    tmp = new_temporary(path)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -263,6 +324,57 @@ def atomic(path: Path):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def new_temporary(path: str | os.PathLike) -> Path:
+    """Create an empty temporary file beside ``path``, named as cryoden's own; -> its path."""
+    path = Path(path)
+    writer = f"cryoden-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = path.with_name(f".{path.name}.{writer}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # honours the umask
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or a pid we cannot test): keep its files
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, keep=()) -> list[Path]:
+    """Remove the temporaries that killed cryoden processes left in ``folder``; -> removed paths.
+
+    A temporary (regular file, named as :func:`atomic` names them) is stale when the process that
+    wrote it, on this host, is gone, or when it has not been modified for ``STALE_AGE`` seconds
+    (other hosts, old-style ``.<name>.<8 hex>.tmp`` names). Live writers' temporaries and the
+    paths in ``keep`` stay. Files that vanish or cannot be removed meanwhile are left alone.
+    """
+    folder, host, now = Path(folder), _host_tag(), time.time()
+    keep = {os.path.abspath(k) for k in keep}
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _TMP.match(e.name)
+        if not (m or _OLD_TMP.match(e.name)) or os.path.abspath(e.path) in keep:
+            continue
+        try:
+            st = e.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            dead = m is not None and m[2] == host and not _alive(int(m[3]))
+            if dead or now - st.st_mtime > STALE_AGE:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+        except OSError:
+            continue
+    return removed
 
 
 def to_uint8(x: np.ndarray, clip: float = 3.0) -> np.ndarray:

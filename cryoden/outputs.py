@@ -1,0 +1,171 @@
+"""Plan every path a ``cryoden infer`` run writes before it writes anything.
+
+Each input file gets one :class:`Job`: its output path ``OUTDIR/<stem><suffix><ext>``, or the
+problem that keeps it from being processed (missing, not a regular file, unsupported extension,
+PNG output for a multi-section MRC), which is reported for that file alone. :func:`conflicts`
+then checks the whole run: no output, and not the run record, may replace a file that is an input
+of the run, and no two inputs may share an output. Files are compared by the path a rename would
+replace (the output folder resolved, the name kept), by their resolved path (symlinks) and, for
+files that exist, by ``(st_dev, st_ino)`` (hard links, case-insensitive file systems). Inputs that
+do not exist are not protected: nothing of theirs can be lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from pathlib import Path
+
+OUT_EXT = {"mrc": ".mrc", "tiff": ".tif", "png": ".png"}
+_TYPES = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a directory",
+}
+
+
+@dataclasses.dataclass
+class Job:
+    """One input of the run. out: where it is written (None when ``problem`` says why not);
+    skip: ``--skip-existing`` found ``out`` already there when the run was planned."""
+
+    src: Path
+    out: Path | None = None
+    problem: str | None = None
+    skip: bool = False
+
+
+def expand(inputs: list[str]) -> list[Path]:
+    """Input arguments -> files; a directory gives its (non-hidden) regular image files, sorted."""
+    from cryoden.io import FORMATS
+
+    files = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            files += sorted(
+                f
+                for f in p.iterdir()
+                if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in FORMATS
+            )
+        else:
+            files.append(p)
+    return files
+
+
+def output_path(src: Path, outdir: Path, fmt: str, suffix: str) -> Path:
+    """Where ``src`` is written: ``outdir/<stem><suffix><ext>``; ValueError for unknown input."""
+    from cryoden.io import image_format
+
+    in_fmt = image_format(src)
+    fmt = in_fmt if fmt == "auto" else fmt
+    ext = src.suffix if fmt == in_fmt else OUT_EXT[fmt]
+    return outdir / f"{src.stem}{suffix}{ext}"
+
+
+def plan(inputs: list[str], outdir: Path, fmt: str, suffix: str, skip_existing: bool) -> list[Job]:
+    """One Job per input file (directories expanded), duplicates of one file dropped."""
+    jobs, seen = [], set()
+    for src in expand(inputs):
+        keys = identity(src)
+        if keys & seen:
+            continue  # the same file twice (named and in a folder, or via a link)
+        seen |= keys
+        job = Job(src)
+        jobs.append(job)
+        try:
+            st = os.stat(src)
+        except OSError as e:
+            job.problem = e.strerror or str(e)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            job.problem = f"not a regular file but {_TYPES.get(stat.S_IFMT(st.st_mode), 'special')}"
+            continue
+        try:
+            job.out = output_path(src, outdir, fmt, suffix)
+        except ValueError as e:
+            job.problem = str(e).removeprefix(f"{src}: ")
+            continue
+        n = _sections(src) if job.out.suffix == ".png" else 1
+        if n > 1:
+            job.out, job.problem = None, png_problem(f"{n} sections")
+            continue
+        job.skip = skip_existing and os.path.lexists(job.out)
+    return jobs
+
+
+def png_problem(what: str) -> str:
+    """The error for PNG output of more than one section (``what``: '3 sections', 'a stack')."""
+    return f"PNG output holds one 2D image, not {what}; use --format mrc or tiff"
+
+
+def _sections(src: Path) -> int:
+    """Sections of an MRC file by its header alone (1 when unknown: reading will tell)."""
+    from cryoden.io import image_format
+
+    if image_format(src) != "mrc":
+        return 1
+    try:
+        with open(src, "rb") as f:
+            head = f.read(12)
+        nz = int.from_bytes(head[8:12], "little", signed=True)
+        if not 0 < nz < 2**24:  # big-endian or nonsense: let the reader judge
+            nz = int.from_bytes(head[8:12], "big", signed=True)
+        return nz if 0 < nz < 2**24 else 1
+    except OSError:
+        return 1
+
+
+def identity(path: Path) -> set:
+    """Keys naming the file at ``path``: the entry a rename would replace, the resolved path,
+    and ``(st_dev, st_ino)`` when it exists. Two paths share a key when they share a file."""
+    path = Path(os.path.abspath(path))
+    try:
+        entry = path.parent.resolve() / path.name
+    except (OSError, RuntimeError):  # a symlink loop: the literal path is all there is
+        entry = path
+    keys: set = {("path", str(entry))}
+    try:
+        keys.add(("path", str(path.resolve())))
+        st = os.stat(path)
+        keys.add(("inode", st.st_dev, st.st_ino))
+    except (OSError, RuntimeError):
+        pass
+    return keys
+
+
+def conflicts(jobs: list[Job], record: Path) -> str | None:
+    """One line naming what would be lost, or None when the plan is safe.
+
+    Outputs (of jobs not skipped) and the run ``record`` may not replace an existing input; two
+    jobs may not share an output.
+    """
+    inputs: dict = {}
+    for job in jobs:
+        if os.path.lexists(job.src):
+            for key in identity(job.src):
+                inputs.setdefault(key, job.src)
+    clashes, shared, outs = [], [], {}
+    writes = [(j.out, j.src) for j in jobs if j.out is not None and not j.skip]
+    for out, src in [*writes, (record, None)]:
+        keys = identity(out)
+        hit = next((inputs[k] for k in keys if k in inputs), None)
+        if hit is not None and src is None:
+            clashes.append(f"the run record {out} would replace the input {hit}")
+        elif hit is not None:
+            same = hit == src
+            clashes.append(f"the output of {src} would replace it" if same else
+                           f"the output of {src}, {out}, would replace the input {hit}")  # fmt: skip
+        other = next((outs[k] for k in keys if k in outs), None)
+        if other is not None:
+            shared.append(f"{other} and {src} would both be written to {out}")
+        outs.update(dict.fromkeys(keys, src))
+    problems = clashes + shared
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+    fix = "choose another -o or --suffix" + (" (or --format)" if shared else "")
+    return f"{'; '.join(problems[:2])}{more}: nothing was done; {fix}"
