@@ -13,9 +13,10 @@ image (normalised, -3..+3 std mapped to 0..255): a stack or volume given with --
 refused before any work (use mrc or tiff). MRC output keeps the input's voxel size, origin and
 extended header.
 
-Your files are safe: every output path is planned before any work. When an output (or the run
-record) would replace a file that is an input of the run, or two inputs would share an output,
-the run stops at once with exit status 2 and writes nothing.
+Inputs are never replaced: every output path is planned before any work. When an output (or the
+run record) would replace a file that is an input of the run (also through a symlink or a hard
+link), or two inputs would share an output, the run stops at once with exit status 2 and writes
+nothing.
 
 Kinds: with --kind auto each file decides. One section is 2d. The extension decides for .mrcs,
 .st, .ali (stacks) and .rec, .map (volumes); for .mrc the MRC space group does (0: stack, 1-230:
@@ -143,7 +144,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     a.add_argument(
         "--skip-existing",
         action="store_true",
-        help="skip inputs whose output exists (default: off, outputs are replaced)",
+        help="skip inputs whose output exists (default: off, existing outputs are replaced)",
     )
     a.add_argument(
         "-q",
@@ -354,6 +355,14 @@ def _check_kind(img, out: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     """Denoise every input; 0 when all succeeded, 1 when some failed, 2 when none could start,
     130 (143) when interrupted by SIGINT (SIGTERM)."""
+    try:
+        return _main(args)
+    except KeyboardInterrupt:  # before any file: nothing to record
+        print("cryoden: interrupted before any file was processed", file=sys.stderr)
+        return EXIT_SIGNAL["SIGINT"]
+
+
+def _main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     problem = _check_options(args)
     if problem:

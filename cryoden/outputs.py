@@ -67,13 +67,14 @@ def output_path(src: Path, outdir: Path, fmt: str, suffix: str) -> Path:
 
 
 def plan(inputs: list[str], outdir: Path, fmt: str, suffix: str, skip_existing: bool) -> list[Job]:
-    """One Job per input file (directories expanded), duplicates of one file dropped."""
+    """One Job per input file (directories expanded); a path named twice (say, alone and in
+    its folder) gives one Job."""
     jobs, seen = [], set()
     for src in expand(inputs):
-        keys = identity(src)
-        if keys & seen:
-            continue  # the same file twice (named and in a folder, or via a link)
-        seen |= keys
+        entry = _entry(src)
+        if entry in seen:
+            continue
+        seen.add(entry)
         job = Job(src)
         jobs.append(job)
         try:
@@ -119,15 +120,20 @@ def _sections(src: Path) -> int:
         return 1
 
 
+def _entry(path: Path) -> Path:
+    """The directory entry a rename to ``path`` replaces: its folder resolved, its name kept."""
+    path = Path(os.path.abspath(path))
+    try:
+        return path.parent.resolve() / path.name
+    except (OSError, RuntimeError):  # a symlink loop: the literal path is all there is
+        return path
+
+
 def identity(path: Path) -> set:
     """Keys naming the file at ``path``: the entry a rename would replace, the resolved path,
     and ``(st_dev, st_ino)`` when it exists. Two paths share a key when they share a file."""
     path = Path(os.path.abspath(path))
-    try:
-        entry = path.parent.resolve() / path.name
-    except (OSError, RuntimeError):  # a symlink loop: the literal path is all there is
-        entry = path
-    keys: set = {("path", str(entry))}
+    keys: set = {("path", str(_entry(path)))}
     try:
         keys.add(("path", str(path.resolve())))
         st = os.stat(path)
@@ -153,12 +159,14 @@ def conflicts(jobs: list[Job], record: Path) -> str | None:
     for out, src in [*writes, (record, None)]:
         keys = identity(out)
         hit = next((inputs[k] for k in keys if k in inputs), None)
-        if hit is not None and src is None:
+        if hit is None:
+            pass
+        elif src is None:
             clashes.append(f"the run record {out} would replace the input {hit}")
+        elif hit == src:
+            clashes.append(f"the output of {src} would replace it")
         elif hit is not None:
-            same = hit == src
-            clashes.append(f"the output of {src} would replace it" if same else
-                           f"the output of {src}, {out}, would replace the input {hit}")  # fmt: skip
+            clashes.append(f"the output of {src}, {out}, would replace the input {hit}")
         other = next((outs[k] for k in keys if k in outs), None)
         if other is not None:
             shared.append(f"{other} and {src} would both be written to {out}")
