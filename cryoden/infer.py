@@ -186,6 +186,7 @@ def _check_options(args: argparse.Namespace) -> str | None:
         (args.padding is None or args.padding >= 0, "--padding must be >= 0"),
         (args.batch_size is None or args.batch_size >= 1, "--batch-size must be >= 1"),
         (finite, "--lowpass and --gaussian must be finite numbers"),
+        (not set("/\\\0") & set(args.suffix), "--suffix goes into file names: no '/' or '\\'"),
         (args.lowpass >= 1, "--lowpass must be >= 1 (1 is off)"),
         (args.gaussian >= 0, "--gaussian must be >= 0"),
         (
@@ -286,13 +287,15 @@ class Runner:
         return progress
 
 
-def _problem(e: BaseException, budget: int | None) -> str:
-    """One-line description of a per-file failure."""
+def _problem(e: BaseException, stage: str, budget: int | None) -> str:
+    """One-line description of a per-file failure while ``stage`` ('reading', 'denoising'...)."""
     if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
-        now = f" (budget {budget / 2**30:.3g} GiB)" if budget else ""
+        if stage != "denoising":
+            return f"out of memory while {stage}: the file is too large for this machine"
+        now = f" (tile budget {budget / 2**30:.3g} GiB)" if budget else ""
         return (
-            f"out of memory{now}: use a smaller --patch-size, or set CRYODEN_MEMORY_BUDGET "
-            f"(e.g. 4G) below what the device can hold"
+            f"out of memory while denoising{now}: use a smaller --patch-size, or set "
+            f"CRYODEN_MEMORY_BUDGET (e.g. 4G) below what the device can hold"
         )
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
@@ -432,6 +435,7 @@ def _run(args, jobs, run: Runner, show, log: list[dict], budget: int) -> None:
         if job.out is not None:
             entry["output"] = str(job.out)
         tag, t = f"cryoden: [{i}/{len(jobs)}] {job.src}", time.perf_counter()
+        stage = "planning"
         try:
             if job.problem:
                 raise ValueError(job.problem)
@@ -439,19 +443,22 @@ def _run(args, jobs, run: Runner, show, log: list[dict], budget: int) -> None:
                 entry["status"] = "skipped"
                 show.say(f"{tag}: skipped, {job.out} exists")
                 continue
+            stage = "reading"
             img = io.read(job.src, kind=None if args.kind == "auto" else args.kind)
             entry["kind"] = img.kind
             _check_kind(img, job.out)
+            stage = "denoising"
             what, steps, unit = run.describe(img.data, img.kind)
             show.say(f"{tag}: {_kind_text(img, args.kind != 'auto')}, {what}")
-            y = run(img.data, img.kind, show.steps(job.src.name, steps, unit))
-            if outputs.identity(job.out) & inputs:  # appeared since the plan: never replace
-                raise ValueError(f"{job.out} is now an input of this run; not replaced")
+            y = run(img.data, img.kind, show.steps(f"[{i}/{len(jobs)}] {job.src}", steps, unit))
+            stage = "writing"
+            if outputs.identity(job.out) & inputs:  # a link made since the plan: never replace
+                raise ValueError(f"{job.out} now names an input of this run; not replaced")
             io.write(job.out, dataclasses.replace(img, data=y), label=label)
             entry["status"] = "ok"
             show.say(f"{tag} -> {job.out} in {time.perf_counter() - t:.1f} s")
         except Exception as e:  # one bad file must not stop the batch
-            msg = _problem(e, budget)
+            msg = _problem(e, stage, budget)
             show.error(line(job.src, msg))
             entry.update(status="failed", error=msg)
         finally:

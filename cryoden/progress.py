@@ -3,7 +3,8 @@
 On a terminal a file bar (two files or more) and, for work of more than one step (tiles of an
 image, slices of a stack), a step bar. When stderr is not a terminal (a log file, a pipe) no
 carriage return is ever written: messages are whole lines, and long work reports
-``<label>: <done>/<total> <unit>s, <seconds> s`` every ``PLAIN_EVERY`` seconds. Quiet: nothing.
+``cryoden: <label>: <done>/<total> <unit>s, <seconds> s`` every ``PLAIN_EVERY`` seconds.
+Quiet: errors only.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Progress:
             now = time.monotonic()
             if now - last[0] >= PLAIN_EVERY and done < total:
                 last[0] = now
-                self.error(f"{label}: {done}/{total} {unit}s, {now - t0:.0f} s")
+                self.error(f"cryoden: {label}: {done}/{total} {unit}s, {now - t0:.0f} s")
 
         return plain
 

@@ -148,6 +148,17 @@ def test_record_never_replaces_an_input(tmp_path, model, capsys):
     assert_refused(capsys, tmp_path, before, "the run record")
 
 
+def test_suffix_cannot_leave_the_output_folder(tmp_path, model, capsys):
+    (tmp_path / "in").mkdir()
+    src = image(tmp_path / "in" / "a.mrc")
+    before = snapshot(tmp_path)
+    assert run(src, "-o", tmp_path / "out", "--suffix", "/../../in/b", "-m", model) == 2
+    assert capsys.readouterr().err == (
+        "cryoden: error: options: --suffix goes into file names: no '/' or '\\'\n"
+    )
+    assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+
+
 def test_skip_existing_keeps_earlier_outputs(tmp_path, model, capsys):
     """Re-running into the input folder with --skip-existing skips what exists, replaces
     nothing; the same input named twice is processed once."""
@@ -476,7 +487,8 @@ def test_log_progress_has_no_carriage_returns(tmp_path, model, capsys, monkeypat
     assert "\r" not in err and "\x1b" not in err and "file/s" not in err  # no tqdm bar
     lines = err.splitlines()
     assert sum(" -> " in ln and ln.endswith(" s") for ln in lines) == 2, err
-    assert any(ln.startswith("a.mrc: ") and " tiles, " in ln for ln in lines), err
+    assert any(ln.startswith(f"cryoden: [1/2] {tmp_path / 'a.mrc'}: ") for ln in lines), err
+    assert any(ln.endswith(" s") and "/25 tiles, " in ln for ln in lines), err
     assert lines[-1].startswith("cryoden: 2 written, 0 skipped, 0 failed in ")
 
 
