@@ -45,3 +45,24 @@ def test_no_file_refers_to_outside_design_notes_or_data():
 def test_the_check_sees_the_docs_and_sources():
     seen = {p.relative_to(ROOT).as_posix() for p, _ in text_files(ROOT)}
     assert {"README.md", "docs/architecture.md", "cryoden/models.py", "tests/conftest.py"} <= seen
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    heads = re.findall(r"^#+\s+(.+?)\s*$", markdown, re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_links_between_readme_and_docs_resolve():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if "://" in target:
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (page.parent / file).resolve() if file else page
+            if not dest.is_file() or (anchor and anchor not in anchors(dest.read_text())):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
