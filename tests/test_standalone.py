@@ -13,7 +13,12 @@ SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".j
 SKIP_DIRS |= {"build", "dist"}
 # the outside design-notes file, cited with or without ".md" or a section, and the folder beside
 # the checkout
-FORBIDDEN = (re.compile(rb"\bDESI" + rb"GN\b"), re.compile(re.escape(b".." + b"/shared")))
+# (also as a path join: a slash, then the folder name in quotes)
+FORBIDDEN = (
+    re.compile(rb"\bDESI" + rb"GN\b"),
+    re.compile(re.escape(b".." + b"/shared")),
+    re.compile(rb"/\s*[\"']sha" + rb"red[\"']"),
+)
 
 
 def text_files(root: Path):
