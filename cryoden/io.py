@@ -126,7 +126,7 @@ def read(path: str | os.PathLike, kind: str | None = None) -> Image:
     if kind is not None and kind not in KINDS:
         raise ValueError(f"{path}: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
     try:
-        _check_regular(path)
+        check_regular_file(path)
         found = _sniff(path)
         if found is not None and found != fmt:
             raise ValueError(
@@ -140,8 +140,11 @@ def read(path: str | os.PathLike, kind: str | None = None) -> Image:
         raise ValueError(f"{path}: {msg}") from e
 
 
-def _check_regular(path: Path) -> None:
-    """Refuse anything but a regular file (opening a FIFO would block; a device never ends)."""
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Refuse anything but a regular file (opening a FIFO would block; a device never ends).
+
+    Raises ValueError (without the path) naming what ``path`` is; OSError if it cannot be stat'ed.
+    """
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
         what = next(
@@ -224,14 +227,21 @@ class MrcLayout:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
+    @property
+    def imod_unsigned(self) -> bool:
+        """Mode 0 written by IMOD without flag bit 0: the bytes are uint8, not int8."""
+        stamp, flags = np.frombuffer(self.header.tobytes()[152:160], self.header.nx.dtype)
+        return bool(int(self.header.mode) == 0 and stamp == _IMOD_STAMP and not flags & 1)
+
 
 def mrc_layout(path: str | os.PathLike) -> MrcLayout:
     """Read and check an MRC file's header without reading (or allocating for) its data.
 
-    Raises ValueError (without the path) when the header is not one cryoden can read or claims
-    more bytes than the file holds; a file longer than the header claims is accepted (trailing
-    bytes are ignored, as mrcfile does).
+    Raises ValueError (without the path) when ``path`` is not a regular file, its header is not
+    one cryoden can read, or it claims more bytes than the file holds; a file longer than the
+    header claims is accepted (trailing bytes are ignored, as mrcfile does).
     """
+    check_regular_file(path)
     with open(path, "rb") as f:
         return _mrc_layout(f)
 

@@ -169,6 +169,23 @@ def test_mrc_layout_matches_mrcfile_and_trailing_bytes_are_ignored(tmp_path):
     np.testing.assert_array_equal(io.read(path).data, data)
 
 
+def test_mrc_layout_for_memory_mapped_readers(tmp_path):
+    """What a memory-mapping reader (training halves) needs: the header checked, no data read,
+    IMOD's unsigned bytes recognised, non-regular files refused before opening."""
+    path = tmp_path / "imod.mrc"
+    for flags, unsigned in ((0, True), (1, False)):
+        raw = bytearray(mrc_bytes(3, 2, 1, mode=0, payload=bytes(6)))
+        raw[152:160] = np.array([1146047817, flags], "<i4").tobytes()  # IMOD stamp and flags
+        path.write_bytes(bytes(raw))
+        assert io.mrc_layout(path).imod_unsigned is unsigned
+    (tmp_path / "t.mrc").write_bytes(mrc_bytes(300, 200, 10))
+    with pytest.raises(ValueError, match="^file is truncated: header claims 2401024 bytes"):
+        io.mrc_layout(tmp_path / "t.mrc")
+    os.mkfifo(tmp_path / "p.mrc")
+    with pytest.raises(ValueError, match="^not a regular file but a FIFO"):
+        io.mrc_layout(tmp_path / "p.mrc")  # would block in open() if it got that far
+
+
 @pytest.mark.parametrize("dtype", [np.int8, np.int16, np.float32, np.uint16, np.float16])
 def test_big_endian_mrc_reads_like_mrcfile(tmp_path, dtype):
     """A big-endian file (machine stamp 0x11 0x11) is read with native byte order and the same
