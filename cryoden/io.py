@@ -138,6 +138,8 @@ def read(path: str | os.PathLike, kind: str | None = None) -> Image:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         msg = " ".join(msg.split()).removeprefix(f"{path}: ")
         raise ValueError(f"{path}: {msg}") from e
+    except ImportError as e:  # a codec whose module is missing (e.g. TIFF zstd before 3.14)
+        raise ValueError(f"{path}: cannot decode, a codec is missing: {e}") from e
 
 
 def check_regular_file(path: str | os.PathLike) -> None:

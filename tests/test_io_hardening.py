@@ -227,6 +227,15 @@ def test_complex_and_empty_tiff_are_refused(tmp_path):
         io.read(tmp_path / "e.tif")
 
 
+@pytest.mark.parametrize("compression", [5, 7, 50000])  # LZW, JPEG, zstd
+def test_tiff_with_garbage_strip_or_missing_codec_is_a_one_line_error(tmp_path, compression):
+    path = tmp_path / "c.tif"
+    path.write_bytes(tiff_bytes(16, 16, bytes(range(100)), compression, bits=8, sample_format=1))
+    with pytest.raises(ValueError, match=rf"^{path}: ") as e:
+        io.read(path)
+    assert "\n" not in str(e.value)
+
+
 def test_compressed_tiff_decode_limit(tmp_path, monkeypatch):
     """Noisy compressed data passes however large it is; near-constant data far beyond the
     ratio is refused (the floor lowered so that a small file shows the rule)."""
