@@ -1,4 +1,4 @@
-"""Classical pre/post filters used around the networks (Topaz conventions, DESIGN.md §4)."""
+"""Classical pre/post filters used around the networks (Topaz conventions, docs/inference.md)."""
 
 from __future__ import annotations
 

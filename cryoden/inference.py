@@ -1,7 +1,7 @@
 """Denoise micrographs and tomograms: global normalisation, exact stride-aligned tiling, jitted
 fixed-shape tile kernel spread over all local devices.
 
-Semantics (DESIGN.md §2b, §4). The image is normalised once, globally: ``x = (m - mean) / std``
+Semantics (docs/inference.md). The image is normalised once, globally: ``x = (m - mean) / std``
 (std with Bessel's correction, which is what Topaz's two nested normalisations amount to). By
 default the normalised image is zero-padded at the high end of each axis up to a multiple of the
 network stride, run, and cropped: this is exactly Topaz's whole-image output whenever the size is

@@ -36,6 +36,15 @@ float32 with ImageJ metadata (axes ``YX``/``TYX``/``ZYX``, voxel size in nm). PN
 input (RGB, RGBA, palette) is converted to luminance ``0.299 R + 0.587 G + 0.114 B`` (alpha
 dropped).
 
+Untrusted files cost little: only regular files are opened (a FIFO or device is refused before
+it could block); an MRC header is checked against the file's size before anything is allocated
+(dimensions >= 1, a supported mode, nsymbt >= 0, header + extended header + data <= file size;
+trailing bytes are ignored), and the data are read once; uncompressed TIFF pixel data must fit in
+the file; compressed TIFF and PNG may decode to at most ``DECODE_FLOOR`` bytes or
+``DECODE_RATIO`` times the file's size, whichever is larger. Complex data and empty images are
+refused. Written MRC statistics are computed in float64, so finite data give finite dmin, dmax,
+dmean and rms.
+
 Every error is a one-line ``ValueError(f"{path}: <problem>")``.
 """
 
@@ -44,15 +53,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import os
 import re
 import secrets
 import socket
 import stat
 import time
+import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import mrcfile
+import mrcfile.utils
 import numpy as np
 import tifffile
 from PIL import Image as PILImage
@@ -64,6 +77,12 @@ FORMATS = {
 }
 _MRC_STACK_EXT, _MRC_VOLUME_EXT = (".mrcs", ".st", ".ali"), (".rec", ".map")
 _MRC_MODES = (0, 1, 2, 6, 12)
+_MRC_MODE_NAMES = {3: "complex int16", 4: "complex float32", 101: "4-bit"}
+_MRC_HEADER_BYTES = 1024
+# A compressed TIFF or PNG may decode to at most this many bytes or this many times its size,
+# whichever is larger (real micrographs compress less than 10x; a decompression bomb, far more).
+DECODE_FLOOR, DECODE_RATIO = 64 << 20, 100
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # colour type -> samples per decoded pixel
 _IMOD_STAMP = 1146047817
 _TIFF_UNITS = {  # ImageJ unit -> Å
     **dict.fromkeys(("nm", "nanometer"), 10.0),
@@ -123,6 +142,7 @@ def read(path: str | os.PathLike, kind: str | None = None) -> Image:
     if kind is not None and kind not in KINDS:
         raise ValueError(f"{path}: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
     try:
+        check_regular_file(path)
         found = _sniff(path)
         if found is not None and found != fmt:
             raise ValueError(
@@ -134,6 +154,30 @@ def read(path: str | os.PathLike, kind: str | None = None) -> Image:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         msg = " ".join(msg.split()).removeprefix(f"{path}: ")
         raise ValueError(f"{path}: {msg}") from e
+    except ImportError as e:  # a codec whose module is missing (e.g. TIFF zstd before 3.14)
+        raise ValueError(f"{path}: cannot decode, a codec is missing: {e}") from e
+
+
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Refuse anything but a regular file (opening a FIFO would block; a device never ends).
+
+    Raises ValueError (without the path) naming what ``path`` is; OSError if it cannot be stat'ed.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        what = next(
+            (name for test, name in _FILE_TYPES if test(mode)), f"file type {stat.S_IFMT(mode):o}"
+        )
+        raise ValueError(f"not a regular file but {what}")
+
+
+_FILE_TYPES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def _with_kind(img: Image, kind: str) -> Image:
@@ -151,17 +195,8 @@ def _with_kind(img: Image, kind: str) -> Image:
 
 
 def _read_mrc(path: Path) -> Image:
-    with mrcfile.open(path, header_only=True, permissive=False) as mrc:
-        if int(mrc.header.mode) not in _MRC_MODES:
-            raise ValueError(
-                f"unsupported MRC mode {int(mrc.header.mode)} (supported: "
-                f"{', '.join(map(str, _MRC_MODES))})"
-            )
-    with mrcfile.open(path, permissive=False) as mrc:
-        h = mrc.header.copy()
-        data = np.asarray(mrc.data)
-        ext = mrc.extended_header.tobytes() if mrc.extended_header is not None else b""
-        vs = mrc.voxel_size
+    h, ext, data = _load_mrc(path)
+    vs = _voxel_size(h)
     data = data.astype(data.dtype.newbyteorder("="), copy=False)
     if int(h.mode) == 0:  # IMOD writes unsigned bytes unless flag bit 0 is set
         stamp, flags = np.frombuffer(h.tobytes()[152:160], h.nx.dtype)
@@ -190,9 +225,127 @@ def _read_mrc(path: Path) -> Image:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class MrcLayout:
+    """Where an MRC file's data lies, from its header checked against the file (:func:`mrc_layout`).
+
+    header: the 1024-byte main header, a 0-d numpy record array in the file's byte order.
+    shape: the data shape as mrcfile gives it: ``(ny, nx)`` for a single image with space group 0,
+    ``(nz, ny, nx)``, or ``(nz // mz, mz, ny, nx)`` for a volume stack (space group 401..630).
+    dtype: the mode's element type in the file's byte order (mode 0 is int8 here, whatever IMOD's
+    flags say). offset: the data's first byte (1024 + nsymbt).
+    """
+
+    header: np.recarray
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def imod_unsigned(self) -> bool:
+        """Mode 0 written by IMOD without flag bit 0: the bytes are uint8, not int8."""
+        stamp, flags = np.frombuffer(self.header.tobytes()[152:160], self.header.nx.dtype)
+        return bool(int(self.header.mode) == 0 and stamp == _IMOD_STAMP and not flags & 1)
+
+
+def mrc_layout(path: str | os.PathLike) -> MrcLayout:
+    """Read and check an MRC file's header without reading (or allocating for) its data.
+
+    Raises ValueError (without the path) when ``path`` is not a regular file, its header is not
+    one cryoden can read, or it claims more bytes than the file holds; a file longer than the
+    header claims is accepted (trailing bytes are ignored, as mrcfile does).
+    """
+    check_regular_file(path)
+    with open(path, "rb") as f:
+        return _mrc_layout(f)
+
+
+def _mrc_layout(f) -> MrcLayout:
+    size = os.fstat(f.fileno()).st_size
+    raw = f.read(_MRC_HEADER_BYTES)
+    if len(raw) < _MRC_HEADER_BYTES:
+        raise ValueError(
+            f"not enough bytes for MRC header: file has {size}, the header alone takes "
+            f"{_MRC_HEADER_BYTES}"
+        )
+    h = np.frombuffer(bytearray(raw), mrcfile.dtypes.HEADER_DTYPE).reshape(()).view(np.recarray)
+    if bytes(h.map)[:3] != b"MAP":
+        raise ValueError("not an MRC file (no 'MAP' stamp at byte 208)")
+    h.dtype = h.dtype.newbyteorder(mrcfile.utils.byte_order_from_machine_stamp(h.machst))
+    mode = int(h.mode)
+    if mode not in _MRC_MODES:
+        what = f"{_MRC_MODE_NAMES[mode]} data is not an image; " if mode in _MRC_MODE_NAMES else ""
+        raise ValueError(
+            f"unsupported MRC mode {mode} ({what}supported: {', '.join(map(str, _MRC_MODES))})"
+        )
+    nx, ny, nz, nsymbt = int(h.nx), int(h.ny), int(h.nz), int(h.nsymbt)
+    if min(nx, ny, nz) < 1:
+        raise ValueError(f"empty or invalid dimensions (nx, ny, nz = {nx}, {ny}, {nz})")
+    if mrcfile.utils.spacegroup_is_volume_stack(h.ispg) and not (
+        int(h.mz) >= 1 and nz % int(h.mz) == 0
+    ):
+        raise ValueError(
+            f"invalid volume stack: nz = {nz} is not a multiple of mz = {int(h.mz)} "
+            f"(space group {int(h.ispg)})"
+        )
+    if nsymbt < 0:
+        raise ValueError(f"invalid extended header size (nsymbt = {nsymbt})")
+    dtype = mrcfile.utils.data_dtype_from_header(h)
+    layout = MrcLayout(
+        h, mrcfile.utils.data_shape_from_header(h), dtype, _MRC_HEADER_BYTES + nsymbt
+    )
+    need = layout.offset + layout.nbytes
+    if size < need:
+        raise ValueError(
+            f"file is truncated: header claims {need} bytes (extended header {nsymbt}, data "
+            f"{nx}x{ny}x{nz} {dtype.name}), file has {size}"
+        )
+    return layout
+
+
+def _load_mrc(path: Path) -> tuple[np.recarray, bytes, np.ndarray]:
+    """(header copy, extended header bytes, data in native byte order) of a checked MRC file.
+
+    Header, extended header and data are read from one open file, the data once, into memory
+    (no memory map is left pointing at a file that a later write may replace).
+    """
+    with open(path, "rb") as f:
+        lay = _mrc_layout(f)
+        ext = f.read(lay.offset - _MRC_HEADER_BYTES)
+        buf = np.empty(lay.nbytes, np.uint8)
+        got = f.readinto(memoryview(buf))
+    if len(ext) + _MRC_HEADER_BYTES < lay.offset or got < lay.nbytes:
+        raise ValueError("file is truncated: it shrank while being read")
+    data = buf.view(lay.dtype).reshape(lay.shape)
+    if not lay.dtype.isnative:
+        data = data.byteswap(inplace=True).view(lay.dtype.newbyteorder("="))
+    return lay.header.copy(), ext, data
+
+
+class _VoxelSize(NamedTuple):
+    x: float
+    y: float
+    z: float
+
+
+def _voxel_size(h: np.recarray) -> _VoxelSize:
+    """``(x, y, z)`` in Å: ``cella / (mx, my, mz)`` in float32 as mrcfile computes it; 0 where a
+    sampling count is not positive or the result is not finite (unknown, not NaN)."""
+    out = []
+    for length, m in zip(h.cella.item(), (int(h.mx), int(h.my), int(h.mz)), strict=True):
+        v = float(np.float32(length / m)) if m > 0 else 0.0
+        out.append(v if np.isfinite(v) else 0.0)
+    return _VoxelSize(*out)
+
+
 def _read_tiff(path: Path) -> Image:
     with tifffile.TiffFile(path) as tif:
         series, page = tif.series, tif.pages[0]
+        _check_tiff(tif, series)
         if len(series) > 1:  # e.g. pages written one by one: a stack if all are alike
             if len({(s.shape, s.dtype) for s in series}) > 1 or len(series[0].shape) != 2:
                 raise ValueError(f"TIFF holds {len(series)} image series of different shapes")
@@ -247,7 +400,14 @@ def _mrc_kind(h: np.record, shape: tuple[int, ...], ext: str) -> tuple[str, str,
 
 
 def _read_png(path: Path) -> Image:
-    with PILImage.open(path) as im:
+    _check_png(path)
+    with warnings.catch_warnings():  # _check_png decides what is too large, not PIL's warning
+        warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+        try:
+            im = PILImage.open(path)
+        except PILImage.DecompressionBombError as e:
+            raise ValueError(f"PNG too large to decode: {e}") from None
+    with im:
         if im.mode in ("P", "RGB", "RGBA", "CMYK", "YCbCr"):
             data = _luminance(np.asarray(im.convert("RGB")))
         elif im.mode == "LA":
@@ -257,6 +417,65 @@ def _read_png(path: Path) -> Image:
     if data.dtype == bool:
         data = data.astype(np.uint8)
     return Image(data, "2d", kind_cue="PNG", kind_weak=False)
+
+
+def _check_decoded(what: str, decoded: int, size: int) -> None:
+    """Refuse compressed data that would decode to more than DECODE_FLOOR or DECODE_RATIO x its
+    file size, whichever is larger (bounded memory for decompression bombs)."""
+    if decoded > max(DECODE_FLOOR, DECODE_RATIO * size):
+        raise ValueError(
+            f"{what} would decode to {_mb(decoded)} from a {_mb(size)} file (more than "
+            f"{DECODE_RATIO}x its size and {_mb(DECODE_FLOOR)}): refusing a likely "
+            f"decompression bomb"
+        )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _check_tiff(tif: tifffile.TiffFile, series: list) -> None:
+    """Check what the TIFF's series claim before any pixel data is read.
+
+    Real, non-empty images only; uncompressed pixel data must fit in the file, compressed data
+    must pass :func:`_check_decoded`.
+    """
+    if not series:
+        raise ValueError("TIFF holds no image")
+    for s in series:
+        dtype = np.dtype(s.dtype) if s.dtype is not None else None
+        if dtype is None or dtype.kind not in "buif":
+            what = "complex data" if dtype is not None and dtype.kind == "c" else "samples"
+            raise ValueError(f"{what} of type {dtype} are not an image (need integer or real)")
+        if not s.shape or 0 in s.shape:
+            raise ValueError(f"empty image (shape {tuple(s.shape)})")
+    size = tif.filehandle.size
+    decoded = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in series)
+    if all(s.keyframe.compression == tifffile.COMPRESSION.NONE for s in series):
+        stored = sum(math.prod(s.shape) * s.keyframe.bitspersample // 8 for s in series)
+        if stored > size:
+            raise ValueError(
+                f"file is truncated: TIFF tags claim {stored} bytes of pixel data "
+                f"({' + '.join(f'{s.shape} {np.dtype(s.dtype).name}' for s in series)}), "
+                f"file has {size}"
+            )
+    else:
+        _check_decoded(f"TIFF of shape {series[0].shape}", decoded, size)
+
+
+def _check_png(path: Path) -> None:
+    """Check the PNG's IHDR (size, depth, colour type) before anything is decoded."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(29)
+    if len(head) < 29 or head[12:16] != b"IHDR":
+        raise ValueError("not a PNG file or corrupt (no IHDR chunk)")
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    depth, colour = head[24], head[25]
+    if width < 1 or height < 1:
+        raise ValueError(f"empty image ({width}x{height} pixels)")
+    samples = _PNG_CHANNELS.get(colour, 4) * (2 if depth == 16 else 1)
+    _check_decoded(f"PNG of {width}x{height} pixels", width * height * samples, size)
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
@@ -277,6 +496,8 @@ def write(path: str | os.PathLike, img: Image, label: str | None = None) -> None
     data = np.asarray(img.data)
     if data.ndim != (2 if img.kind == "2d" else 3):
         raise ValueError(f"{path}: kind {img.kind!r} does not fit data of shape {data.shape}")
+    if data.size == 0:
+        raise ValueError(f"{path}: no data to write (shape {data.shape})")
     if fmt == "png" and img.kind != "2d":
         raise ValueError(
             f"{path}: PNG output holds one 2D image, not a {img.kind} "
@@ -388,7 +609,8 @@ def to_uint8(x: np.ndarray, clip: float = 3.0) -> np.ndarray:
 def _write_mrc(tmp: Path, img: Image, data: np.ndarray, label: str | None) -> None:
     src = img.header
     with mrcfile.new(tmp, overwrite=True) as mrc:
-        mrc.set_data(np.asarray(data, np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):  # its float32 stats are replaced
+            mrc.set_data(np.asarray(data, np.float32))
         h = mrc.header
         if img.kind == "volume":
             mrc.set_volume()
@@ -416,7 +638,25 @@ def _write_mrc(tmp: Path, img: Image, data: np.ndarray, label: str | None) -> No
             h.exttyp = img.exttyp
         if img.nversion:
             h.nversion = img.nversion
-        mrc.update_header_stats()
+        h.dmin, h.dmax, h.dmean, h.rms = header_stats(mrc.data)
+
+
+def header_stats(data: np.ndarray, chunk: int = 1 << 22) -> tuple[float, float, float, float]:
+    """``(dmin, dmax, dmean, rms)`` of ``data`` (any shape, real), summed in float64 in chunks.
+
+    ``rms`` is the standard deviation from the mean (MRC2014). Finite float32 data gives finite
+    values that fit float32 (float32 arithmetic overflows for values around 1e19 and above).
+    """
+    flat = np.asarray(data).reshape(-1)
+    if flat.size == 0:
+        raise ValueError("no data (empty array)")
+    parts = [flat[i : i + chunk] for i in range(0, flat.size, chunk)]
+    dmin = min(float(p.min()) for p in parts)
+    dmax = max(float(p.max()) for p in parts)
+    mean = math.fsum(float(p.sum(dtype=np.float64)) for p in parts) / flat.size
+    ss = math.fsum(float(np.square(p.astype(np.float64) - mean).sum()) for p in parts)
+    big = float(np.finfo(np.float32).max)
+    return dmin, dmax, mean, min(math.sqrt(ss / flat.size), big)
 
 
 def _write_tiff(tmp: Path, img: Image, data: np.ndarray) -> None:

@@ -275,7 +275,7 @@ class UNet(nn.Module):
     levels=5: enc1..enc5 pooled, enc6 not; dec5..dec2 two convs; dec1 three convs (top kernel).
     levels=3 (small): enc1..enc3 pooled, enc4 not; dec3, dec2; dec1.
     x: (B, *spatial, 1) -> (B, *spatial, 1). Any spatial size >= 1 runs; sizes that are multiples
-    of ``2**levels`` are the translation-consistent case (see DESIGN.md §2b).
+    of ``2**levels`` are the translation-consistent case (see docs/inference.md).
     """
 
     ndim: int = 2

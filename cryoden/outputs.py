@@ -13,6 +13,7 @@ do not exist are not protected: nothing of theirs can be lost.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import stat
 from pathlib import Path
@@ -104,20 +105,16 @@ def png_problem(what: str) -> str:
 
 
 def _sections(src: Path) -> int:
-    """Sections of an MRC file by its header alone (1 when unknown: reading will tell)."""
-    from cryoden.io import image_format
+    """Sections of an MRC file from its checked header alone (1 when unknown: reading tells)."""
+    from cryoden import io
 
-    if image_format(src) != "mrc":
+    if io.image_format(src) != "mrc":
         return 1
     try:
-        with open(src, "rb") as f:
-            head = f.read(12)
-        nz = int.from_bytes(head[8:12], "little", signed=True)
-        if not 0 < nz < 2**24:  # big-endian or nonsense: let the reader judge
-            nz = int.from_bytes(head[8:12], "big", signed=True)
-        return nz if 0 < nz < 2**24 else 1
-    except OSError:
+        shape = io.mrc_layout(src).shape
+    except ValueError:
         return 1
+    return math.prod(shape[:-2])
 
 
 def _entry(path: Path) -> Path:

@@ -13,7 +13,7 @@ realisation, so even and odd are independent given the clean signal:
   ``dose / 2 * (1 + c * s)`` for a zero-mean, unit-std signal ``s`` (``dose`` is the total
   electrons per pixel of the exposure, each half receives half of it); ``half ~ Poisson(clean)``.
 
-SNR (per half, as in DESIGN §6): ``SNR = var(clean) / var(half - clean)``,
+SNR (per half, see docs/snr.md): ``SNR = var(clean) / var(half - clean)``,
 ``SNR_dB = 10 log10 SNR``. ``sigma`` (Gaussian) or the contrast ``c`` (Poisson) is set from
 ``snr_db``. The split method recovers it: ``CCC(even, odd) = SNR / (1 + SNR)``. Raw cryo-EM
 micrographs are about -10 to -12 dB.

@@ -8,7 +8,7 @@ run, peak memory, and the max abs difference of each output from a reference out
 
 Usage::
 
-    python scripts/bench_infer.py               # everything (2D, 3D, real K2): ~1.5 h on 2 cores
+    python scripts/bench_infer.py --k2 fei-extended.mrc   # everything (2D, 3D, real K2): ~1.5 h
     python scripts/bench_infer.py --only 2d
     python scripts/bench_infer.py --only 3d --repeats 1
 
@@ -66,9 +66,13 @@ def synthetic_volume(shape=(128, 256, 256), seed=0) -> np.ndarray:
 
 
 def real_micrograph() -> np.ndarray:
+    """The full real micrograph given by ``--k2`` (passed to workers in env CRYODEN_BENCH_K2):
+    e.g. ``fei-extended.mrc`` (3838x3710, mrcfile's test data; examples/ holds a crop of it)."""
     import mrcfile
 
-    path = ROOT.parent / "shared" / "data" / "fei-extended.mrc"
+    path = os.environ.get("CRYODEN_BENCH_K2")
+    if not path:
+        raise SystemExit("the k2 cases need --k2 PATH: a full-size real micrograph (MRC)")
     with mrcfile.open(path, permissive=True) as m:
         return np.asarray(m.data, np.float32)
 
@@ -255,6 +259,7 @@ def main() -> None:
     p.add_argument("--case", action="append", help="run only these case tags (e.g. 3d-cryoden)")
     p.add_argument("--repeats", type=int, help="timed runs for every case (default: per case)")
     p.add_argument("--work", default="/tmp/cryoden-bench")
+    p.add_argument("--k2", metavar="MRC", help="full-size real micrograph for the k2 cases")
     p.add_argument("--table", action="store_true", help="only print the table of cached results")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--input"), p.add_argument("--impl"), p.add_argument("--model")
@@ -264,6 +269,8 @@ def main() -> None:
         p.add_argument("--padding", type=int),
     )
     args = p.parse_args()
+    if args.k2:
+        os.environ["CRYODEN_BENCH_K2"] = str(Path(args.k2).resolve())
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.worker:
@@ -275,6 +282,9 @@ def main() -> None:
         for group in args.only or list(CASES):
             for case in CASES[group]:
                 if args.case and case[0] not in args.case:
+                    continue
+                if case[1] == "k2" and not args.k2:
+                    print(f"# {case[0]}: skipped (no --k2 micrograph given)", file=sys.stderr)
                     continue
                 tag, inp, model = case[0], case[1], case[3]
                 r = run_case(case, work, args.repeats or case[-1])

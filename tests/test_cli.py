@@ -150,7 +150,7 @@ def test_batch_with_bad_files(tmp_path, models, capsys):
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("cryoden: error:")]
     assert len(lines) == 4, err
-    assert f"cryoden: error: {inp / 'b.mrc'}: Expected" in err
+    assert f"cryoden: error: {inp / 'b.mrc'}: file is truncated" in err
     assert f"cryoden: error: {inp / 'd.mrc'}: file content is PNG" in err
     assert f"cryoden: error: {tmp_path / 'missing.mrc'}: No such file or directory" in err
     assert f"cryoden: error: {inp / 'stack.mrcs'}: " in err and "PNG output holds one 2D" in err

@@ -52,7 +52,7 @@ def test_3d_topaz_compat_at_odd_size(name):
 
 
 def test_odd_size_default_differs_from_topaz_but_compat_matches(micrograph):
-    """Documents DESIGN.md §2b: at odd sizes the padded default is not Topaz's number."""
+    """Documents docs/inference.md: at odd sizes the padded default is not Topaz's number."""
     x = micrograph[:333, :517].copy()
     d = Denoiser("unet", ndim=2)
     ref = topaz_ref.topaz_denoise_2d(x, "unet")

@@ -14,7 +14,7 @@ def corr(a, b):
 
 
 def split_snr_db(even, odd):
-    """DESIGN §6 split method on the raw halves: SNR = p / (1 - p), p = CCC(even, odd)."""
+    """Split method (docs/snr.md) on the raw halves: SNR = p / (1 - p), p = CCC(even, odd)."""
     p = corr(even, odd)
     return 10 * np.log10(p / (1 - p))
 

@@ -82,7 +82,7 @@ def test_torch_nearest_index_matches_torch(n_in, n_out):
     ],
 )
 def test_halo_bounds_the_measured_receptive_field(spec, measured):
-    # DESIGN.md §2 measured half-widths; our exact dependency bound is >= and within a few px.
+    # measured half-widths (docs/architecture.md); our exact bound is >= and within a few px.
     assert measured <= spec.halo <= measured + 4
 
 

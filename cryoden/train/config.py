@@ -24,7 +24,7 @@ def config_dir() -> Path:
     return installed if any(installed.glob("*.json")) else package.parent / "configs"
 
 
-# --arch names (DESIGN.md §1) -> ModelSpec fields
+# --arch names (docs/architecture.md) -> ModelSpec fields
 ARCHS: dict[str, dict[str, Any]] = {
     "unet": dict(arch="unet", ndim=2, base_width=11, top_width=5),
     "unet-v0.2.1": dict(arch="unet", ndim=2, base_width=7, top_width=3),
