@@ -401,7 +401,10 @@ def _main(args: argparse.Namespace) -> int:
     except ValueError as e:
         error(None, e)
         return 2
-    io.remove_stale_temporaries(outdir, keep=[j.src for j in jobs])
+    stale = io.remove_stale_temporaries(outdir, keep=[j.src for j in jobs])
+    if stale and not args.quiet:
+        names = ", ".join(p.name for p in stale[:3]) + (", ..." if len(stale) > 3 else "")
+        print(f"cryoden: removed {len(stale)} stale temporary file(s): {names}", file=sys.stderr)
 
     from cryoden.progress import Progress
 

@@ -305,14 +305,15 @@ def test_remove_stale_temporaries(tmp_path):
     assert left == {n for n, gone in names.items() if not gone} | {".j.mrc.01234567.tmp"}
 
 
-def test_infer_removes_stale_temporaries_of_its_output_folder(tmp_path, model):
+def test_infer_removes_stale_temporaries_of_its_output_folder(tmp_path, model, capsys):
     out = tmp_path / "out"
     out.mkdir()
     host = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
     stale = out / f".a.mrc.cryoden-{host}-{_dead_pid()}-0123abcd.tmp"
     stale.write_bytes(b"half a file")
-    assert run(image(tmp_path / "a.mrc"), "-o", out, "-m", model, "-q") == 0
+    assert run(image(tmp_path / "a.mrc"), "-o", out, "-m", model) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a.mrc", infer.RECORD]
+    assert f"cryoden: removed 1 stale temporary file(s): {stale.name}\n" in capsys.readouterr().err
 
 
 DRIVER = """
