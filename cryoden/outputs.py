@@ -151,7 +151,7 @@ def conflicts(jobs: list[Job], record: Path) -> str | None:
         if os.path.lexists(job.src):
             for key in identity(job.src):
                 inputs.setdefault(key, job.src)
-    clashes, shared, outs = [], [], {}
+    others, shared, selves, outs = [], [], [], {}
     writes = [(j.out, j.src) for j in jobs if j.out is not None and not j.skip]
     for out, src in [*writes, (record, None)]:
         keys = identity(out)
@@ -159,16 +159,16 @@ def conflicts(jobs: list[Job], record: Path) -> str | None:
         if hit is None:
             pass
         elif src is None:
-            clashes.append(f"the run record {out} would replace the input {hit}")
+            others.append(f"the run record {out} would replace the input {hit}")
         elif hit == src:
-            clashes.append(f"the output of {src} would replace it")
-        elif hit is not None:
-            clashes.append(f"the output of {src}, {out}, would replace the input {hit}")
+            selves.append(f"the output of {src} would replace {src} itself")
+        else:
+            others.append(f"the output of {src}, {out}, would replace the input {hit}")
         other = next((outs[k] for k in keys if k in outs), None)
         if other is not None:
             shared.append(f"{other} and {src} would both be written to {out}")
         outs.update(dict.fromkeys(keys, src))
-    problems = clashes + shared
+    problems = others + shared + selves  # the most surprising first
     if not problems:
         return None
     more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""

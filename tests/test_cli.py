@@ -210,7 +210,8 @@ def test_skip_existing_and_never_overwrite_input(tmp_path, models, capsys):
     assert "1 written, 1 skipped, 0 failed" in capsys.readouterr().err
     before = (tmp_path / "a.mrc").read_bytes()
     assert run(tmp_path / "a.mrc", "-o", tmp_path, "-m", models["2d"], "-q") == 2
-    assert f"the output of {tmp_path / 'a.mrc'} would replace it" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"the output of {tmp_path / 'a.mrc'} would replace {tmp_path / 'a.mrc'} itself" in err
     assert (tmp_path / "a.mrc").read_bytes() == before
     assert run(tmp_path / "a.mrc", "-o", tmp_path, "-m", models["2d"], "--suffix", "_dn") == 0
 
