@@ -39,21 +39,27 @@ class Job:
     skip: bool = False
 
 
-def expand(inputs: list[str]) -> list[Path]:
-    """Input arguments -> files; a directory gives its (non-hidden) regular image files, sorted."""
+def expand(inputs: list[str]) -> list[tuple[Path, str | None]]:
+    """Input arguments -> (file, None); a folder gives its (non-hidden) regular image files,
+    sorted, or (folder, problem) when it cannot be listed."""
     from cryoden.io import FORMATS
 
     files = []
     for s in inputs:
         p = Path(s)
-        if p.is_dir():
-            files += sorted(
+        if not p.is_dir():
+            files.append((p, None))
+            continue
+        try:
+            names = sorted(
                 f
                 for f in p.iterdir()
                 if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in FORMATS
             )
-        else:
-            files.append(p)
+        except OSError as e:
+            files.append((p, f"cannot list the folder: {e.strerror or e}"))
+            continue
+        files += [(f, None) for f in names]
     return files
 
 
@@ -71,13 +77,15 @@ def plan(inputs: list[str], outdir: Path, fmt: str, suffix: str, skip_existing: 
     """One Job per input file (directories expanded); a path named twice (say, alone and in
     its folder) gives one Job."""
     jobs, seen = [], set()
-    for src in expand(inputs):
+    for src, problem in expand(inputs):
         entry = _entry(src)
         if entry in seen:
             continue
         seen.add(entry)
-        job = Job(src)
+        job = Job(src, problem=problem)
         jobs.append(job)
+        if problem:
+            continue
         try:
             st = os.stat(src)
         except OSError as e:

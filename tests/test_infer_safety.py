@@ -210,6 +210,23 @@ def test_fifo_input_does_not_hang(tmp_path, model):
     assert not (tmp_path / "out" / "pipe2.mrc").exists()
 
 
+def test_unreadable_folder_is_one_line(tmp_path, model, capsys, monkeypatch):
+    (tmp_path / "locked").mkdir()
+    image(tmp_path / "a.mrc")
+    iterdir = Path.iterdir
+
+    def locked(self):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied")
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", locked)  # as chmod 0 would, for a user but root
+    assert run(tmp_path / "locked", tmp_path / "a.mrc", "-o", tmp_path / "o", "-m", model) == 1
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'locked'}: cannot list the folder: Permission denied\n" in err
+    assert (tmp_path / "o" / "a.mrc").is_file()
+
+
 # ------------------------------------------------------------------ item 8: up-front checks
 
 
