@@ -112,6 +112,9 @@ def test_resume_on_other_data_is_refused_and_moved_data_is_accepted(tmp_path, ca
     assert cli.main(parse(*tiny(moved / "even", moved / "odd", out, "--steps", "2"))) == 0
     rows = (out / "log.tsv").read_text().splitlines()
     assert [r.split("\t")[1] for r in rows[1:]] == ["1", "2"]
+    (out / datarecord.FILE).unlink()  # a run of an older version: the record is added
+    assert cli.main(parse(*tiny(moved / "even", moved / "odd", out, "--steps", "2"))) == 0
+    assert json.loads((out / datarecord.FILE).read_text())["pairs"][0]["even"] == "m0.npy"
 
 
 def test_data_record_compares_names_sizes_and_sampled_content(tmp_path):
@@ -123,6 +126,7 @@ def test_data_record_compares_names_sizes_and_sampled_content(tmp_path):
     a = np.load(odd / "m1.npy")
     a[-1, -1] += 1  # the last bytes are sampled
     np.save(odd / "m1.npy", a)
+    pairs._fingerprint_cached.cache_clear()  # rewritten within the file system's time tick
     assert "contents of m1.npy / m1.npy changed" in datarecord.difference(
         rec, datarecord.describe(found)
     )

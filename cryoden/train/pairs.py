@@ -213,8 +213,15 @@ def fingerprint(path: str | os.PathLike) -> str:
     """Cheap content fingerprint of a file: BLAKE2b (16 hex digits) of its size and of
     :data:`SAMPLE_WINDOWS` windows of :data:`SAMPLE_BYTES` spread evenly from its start to its
     end (64 KiB read at most). Independent of the file's name, path and times, so it survives
-    copying the data to other storage; any edit to the sampled bytes or the size changes it."""
-    size = os.stat(path).st_size
+    copying the data to other storage; any edit to the sampled bytes or the size changes it.
+    Cached per file (keyed by path, modification time and size)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return _fingerprint_cached(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fingerprint_cached(path: str, mtime_ns: int, size: int) -> str:
     h = hashlib.blake2b(str(size).encode(), digest_size=8)
     span = max(0, size - SAMPLE_BYTES)
     with open(path, "rb") as f:
