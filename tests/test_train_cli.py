@@ -17,6 +17,11 @@ from cryoden.train import __main__ as cli
 from cryoden.train import config as C
 
 
+@pytest.fixture(autouse=True)
+def _compile_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CRYODEN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jax-cache"))
+
+
 def parse(*argv: str) -> argparse.Namespace:
     return cli.add_args(argparse.ArgumentParser()).parse_args(list(argv))
 
