@@ -179,6 +179,8 @@ def test_the_same_file_as_both_halves_is_refused(tmp_path, capsys):
         ("data.augment=3", "data.augment = 3: expected true or false"),
         ("run.steps=2.5", "run.steps = 2.5: expected an integer or null"),
         ("optim.lr=NaN", "optim.lr = nan: expected a number"),
+        ("run.save_every_steps=0", "run.save_every_steps 0 must be positive"),
+        ("optim.weight_decay=-1", "optim.weight_decay and momentum must be >= 0"),
     ],
 )
 def test_bad_set_values_are_one_line_errors(tmp_path, capsys, setting, want):

@@ -126,6 +126,20 @@ class Config:
             (d.crop > 0 and d.batch_size > 0, "data.crop and data.batch_size must be positive"),
             (0.0 <= d.holdout < 1.0, f"data.holdout {d.holdout} must be in [0, 1)"),
             (d.samples_per_pair > 0, "data.samples_per_pair must be positive"),
+            (
+                d.val_batch_size is None or d.val_batch_size > 0,
+                "data.val_batch_size must be positive",
+            ),
+            (d.num_workers >= 0, f"data.num_workers {d.num_workers} must be >= 0"),
+            (
+                o.weight_decay >= 0 and o.momentum >= 0,
+                "optim.weight_decay and momentum must be >= 0",
+            ),
+            (0 <= r.seed < 2**32, f"run.seed {r.seed} must be in [0, 2**32)"),
+            (
+                r.save_every_steps is None or r.save_every_steps > 0,
+                f"run.save_every_steps {r.save_every_steps} must be positive",
+            ),
             (o.name in ("adagrad", "adam", "sgd"), f"optim.name {o.name!r}: adagrad|adam|sgd"),
             (o.adagrad in ("torch", "optax"), f"optim.adagrad {o.adagrad!r}: torch|optax"),
             (o.loss in ("L2", "L1", "L0"), f"optim.loss {o.loss!r}: L2|L1|L0"),
