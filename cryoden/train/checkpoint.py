@@ -5,8 +5,8 @@
 - ``state``: the training-state pytree (params, opt_state, step, rng), sharded arrays;
 - ``data``: the grain iterator state, one JSON file per process (grain's orbax handler);
 - ``meta``: JSON: epoch, running epoch-loss sums, best validation so far, a checksum of every
-  state leaf (computed on device before the save) and a BLAKE2b digest of each process's
-  iterator-state file, both checked after every restore.
+  state leaf (computed on device before the save), a BLAKE2b digest of each process's
+  iterator-state file, and one of the meta item itself, all checked after every restore.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed mid-save leaves no step directory that looks finished (leftovers are cleaned up on the
@@ -117,6 +117,11 @@ def _digest(raw: bytes) -> str:
     return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """Digest of a meta dict (without its own checksum), canonical JSON."""
+    return _digest(json.dumps(meta, sort_keys=True).encode())
+
+
 def _all_processes(digest: str) -> list[str]:
     """Every process's ``digest`` (16 hex digits), in process order."""
     if jax.process_count() == 1:
@@ -221,6 +226,7 @@ class Checkpoints:
             data_checksums=_all_processes(it.snapshot()),
             time=time.time(),
         )
+        meta["meta_checksum"] = _meta_digest(meta)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(it),
@@ -280,6 +286,9 @@ class Checkpoints:
             ),
         )
         state, meta = r["state"], dict(r["meta"])
+        want_meta = meta.pop("meta_checksum", None)  # absent in checkpoints of older versions
+        if want_meta is not None and want_meta != _meta_digest(meta):
+            raise CheckpointError("meta checksum mismatch (edited or damaged)")
         want, got = meta.get("checksums"), checksums(state)
         if want != got:
             bad = sorted(k for k in (want or {}) if want[k] != got.get(k)) or ["(missing)"]
