@@ -237,3 +237,17 @@ def test_help_gives_every_option_a_text_and_its_default():
         assert block and "default: " in block.group(0), flag
     assert not re.search(r"``|:mod:|:func:|:class:", out)
     json.dumps(out)  # plain text
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_130(tmp_path, capsys, monkeypatch):
+    from cryoden.train import loop
+
+    def interrupted(cfg, command=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    even, odd = write_pairs(tmp_path / "d", n=2)
+    assert cli.main(parse(*tiny(even, odd, tmp_path / "run"))) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "cryoden train: interrupted; complete checkpoints are kept: run the same command to resume"
+    ]

@@ -194,6 +194,13 @@ def main(args: argparse.Namespace) -> int:
     except (checkpoint.CheckpointError, OSError, MemoryError) as e:  # the run cannot go on
         print(f"cryoden train: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print(
+            "cryoden train: interrupted; complete checkpoints are kept: run the same command "
+            "to resume",
+            file=sys.stderr,
+        )
+        return 130
     return 130 if result["interrupted"] else 0
 
 
