@@ -31,9 +31,9 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import mrcfile
-import mrcfile.utils
 import numpy as np
+
+from cryoden import io
 
 SUFFIXES = (".mrc", ".mrcs", ".map", ".rec", ".st", ".ali", ".npy")
 _SEP = r"[_.\-]"
@@ -51,23 +51,19 @@ SAMPLE_WINDOWS, SAMPLE_BYTES = 4, 1 << 14  # fingerprint: 4 windows of 16 KiB
 
 
 def _mrc_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, data offset) of an MRC file from its header, checked against its size."""
-    with mrcfile.open(path, mode="r", header_only=True, permissive=True) as m:
-        header = m.header
-        if header is None:
-            raise ValueError("no MRC header")
-        dtype = mrcfile.utils.data_dtype_from_header(header)
-        nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
-        offset = 1024 + int(header.nsymbt)
-    shape = (ny, nx) if nz == 1 else (nz, ny, nx)
-    if min(nx, ny, nz) < 1:
-        raise ValueError(f"empty data (nx, ny, nz = {nx}, {ny}, {nz})")
-    if dtype.kind == "c":
-        raise ValueError(f"complex data ({dtype}) is not an image")
-    need = offset + int(np.prod(shape)) * dtype.itemsize
-    if path.stat().st_size < need:
-        raise ValueError(f"truncated: {path.stat().st_size} bytes, header needs {need}")
-    return shape, dtype, offset
+    """(shape, dtype, data offset) of an MRC file from its header, checked against its size
+    before anything is allocated (:func:`cryoden.io.mrc_layout`); IMOD's unsigned bytes read
+    as uint8."""
+    lay = io.mrc_layout(path)
+    shape = lay.shape
+    if len(shape) == 4:  # volume stack: one volume only
+        if shape[0] != 1:
+            raise ValueError(f"volume stacks ({shape[0]} volumes) are not supported")
+        shape = shape[1:]
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    dtype = np.dtype(np.uint8) if lay.imod_unsigned else lay.dtype
+    return shape, dtype, lay.offset
 
 
 def open_half(path: str | os.PathLike) -> np.memmap:
@@ -79,6 +75,7 @@ def open_half(path: str | os.PathLike) -> np.memmap:
     path = Path(path)
     try:
         if path.suffix.lower() == ".npy":
+            io.check_regular_file(path)
             arr = np.load(path, mmap_mode="r")
             if not isinstance(arr, np.memmap):
                 raise ValueError("not a memory-mappable .npy array")
