@@ -292,11 +292,19 @@ def _decode(raw: bytes, dtype: np.dtype, little: bool) -> np.ndarray:
     return a.view(dtype)
 
 
-def check_zip_member(info: zipfile.ZipInfo) -> int:
-    """Uncompressed size of zip member ``info`` after checking it is not a zip bomb: a compressed
-    member may inflate to ``FREE_BYTES + MAX_INFLATION x`` its compressed size at most."""
-    limit = FREE_BYTES + MAX_INFLATION * info.compress_size
-    if info.compress_type != zipfile.ZIP_STORED and info.file_size > limit:
+def check_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+    """Uncompressed size of member ``info`` of ``zf`` once its claims are checked against the
+    file: its compressed bytes fit in the archive, a stored member's two sizes agree, and a
+    compressed member inflates to at most ``FREE_BYTES + MAX_INFLATION x`` its bytes."""
+    archive_size = os.fstat(zf.fp.fileno()).st_size
+    if info.compress_size > archive_size:
+        raise TorchPickleError(
+            f"zip member {info.filename} claims {info.compress_size:,} bytes in a file of "
+            f"{archive_size:,}"
+        )
+    if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+        raise TorchPickleError(f"zip member {info.filename}: stored sizes disagree")
+    if info.file_size > FREE_BYTES + MAX_INFLATION * info.compress_size:
         raise TorchPickleError(
             f"zip member {info.filename} inflates {info.compress_size:,} bytes to "
             f"{info.file_size:,}: refusing (a zip bomb?)"
@@ -307,7 +315,7 @@ def check_zip_member(info: zipfile.ZipInfo) -> int:
 def read_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
     """Bytes of member ``info`` as a 1-d uint8 array, read in chunks into one buffer: memory is
     the checked size (:func:`check_zip_member`) however the member was compressed."""
-    out = np.empty(check_zip_member(info), np.uint8)
+    out = np.empty(check_zip_member(zf, info), np.uint8)
     pos = 0
     with zf.open(info) as f:
         while pos < out.size:
@@ -331,7 +339,7 @@ def _load_zip(zf: zipfile.ZipFile) -> Any:
         raise TorchPickleError("a zip file without <archive>/data.pkl: not a torch checkpoint")
     prefix = pkl[0][: -len("data.pkl")]
     data = [i for i in zf.infolist() if i.filename.startswith(prefix + "data/")]
-    total = sum(check_zip_member(i) for i in data)
+    total = sum(check_zip_member(zf, i) for i in data)
     if total > MAX_STORAGE_BYTES:
         raise TorchPickleError(
             f"storages of {total:,} bytes in all, more than the {MAX_STORAGE_BYTES:,} allowed"

@@ -173,7 +173,7 @@ NPY_HEADER = 1 << 16  # bytes an .npy header may take beyond the data
 def _meta(z: zipfile.ZipFile, where: str) -> tuple[dict, ModelSpec]:
     """The ``__meta__`` record of an open weights zip -> ``(meta, spec)``; errors name ``where``."""
     info = z.getinfo("__meta__.npy")
-    if check_zip_member(info) > META_LIMIT:
+    if check_zip_member(z, info) > META_LIMIT:
         raise WeightsError(f"{where}: __meta__ record of {info.file_size:,} bytes is too large")
     with z.open(info) as f:
         text = np.lib.format.read_array(f, allow_pickle=False)
@@ -210,7 +210,7 @@ def _member(z: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, shape, where: s
     """Read parameter ``key`` (expected ``shape``) checking, before its data, the member's size,
     the .npy header's shape and dtype; then that every value is finite."""
     limit = NPY_HEADER + 8 * int(np.prod(shape))
-    if check_zip_member(info) > limit:
+    if check_zip_member(z, info) > limit:
         raise WeightsError(
             f"{where}: {key} takes {info.file_size:,} bytes, more than a {shape} array needs"
         )
@@ -333,9 +333,10 @@ def is_path(arg: str) -> bool:
     )
 
 
-def resolve(model: str | os.PathLike) -> tuple[Path, str | None]:
+def locate(model: str | os.PathLike) -> tuple[Path, str | None]:
     """Model argument -> ``(file, expected sha256 or None)`` by the rule of the module docstring:
-    pretrained names first, then paths written as paths; WeightsError for anything else."""
+    pretrained names first, then paths written as paths; WeightsError for anything else. Only
+    names are resolved here: the file is not opened."""
     s = os.fspath(model)
     for m in manifest():
         if s == m["name"] or s in m.get("aliases", []):
@@ -356,13 +357,25 @@ def resolve(model: str | os.PathLike) -> tuple[Path, str | None]:
     raise WeightsError(f"{s}: no such model file or run directory ({known})")
 
 
+def resolve(model: str | os.PathLike) -> tuple[Path, str | None]:
+    """:func:`locate`, then the file is checked as :func:`load` would (sha256 of a pretrained
+    file; everything :func:`read` checks for any other), so that a command refuses a bad model
+    once, before any work. Returns ``(file, expected sha256 or None)``."""
+    path, sha = locate(model)
+    _load_file(path, sha)
+    return path, sha
+
+
 def load(model: str | os.PathLike) -> tuple[dict, ModelSpec, dict]:
     """Load a pretrained name, weights path or run directory -> ``(params, spec, meta)``.
 
     A PyTorch/Topaz checkpoint (recognised by content) is converted on the fly; its ``meta``
     records the source as :func:`cryoden.convert.convert` would write it.
     """
-    path, sha = resolve(model)
+    return _load_file(*locate(model))
+
+
+def _load_file(path: Path, sha: str | None) -> tuple[dict, ModelSpec, dict]:
     if sha is not None:
         got = sha256_file(path)
         if got != sha:

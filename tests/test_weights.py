@@ -150,6 +150,19 @@ def test_infer_refuses_a_bare_word_model_up_front(cwd_traps, capsys):
     assert "write ./mine" in capsys.readouterr().err
 
 
+def test_train_init_name_ignores_a_file_of_that_name_in_cwd(cwd_traps):
+    from train_subproc import write_pairs
+
+    from cryoden.train import __main__ as train_cli
+    from cryoden.train import config
+
+    (cwd_traps / "affine").write_bytes(b"junk, not weights")
+    even, odd = write_pairs(cwd_traps / "d", n=2)
+    argv = ["--even", even, "--odd", odd, "--out", cwd_traps / "r", "--init", "affine"]
+    cfg = config.from_args(train_cli.add_args(argparse.ArgumentParser()).parse_args(map(str, argv)))
+    assert cfg.model.init == "affine" and cfg.model.base_width == 31
+
+
 # ----------------------------------------------------------------------------- item 4: NaN/Inf
 
 
@@ -176,6 +189,21 @@ def test_non_finite_torch_weights_are_refused_by_convert(tmp_path):
     assert str(src) in msg and "filter.weight" in msg and "NaN" in msg
     with pytest.raises(weights.WeightsError, match="filter.weight holds NaN"):
         weights.load(str(src))  # read directly as a model: refused too
+
+
+def test_infer_refuses_a_nan_model_once_before_any_file(tmp_path, capsys):
+    params = tiny_params()
+    params["filter"]["bias"][0] = np.nan
+    weights.save(tmp_path / "nan.npz", params, SPEC)
+    srcs = [new_mrc(tmp_path / f"{i}.mrc", np.ones((8, 8), np.float32)) for i in range(3)]
+    parser = argparse.ArgumentParser()
+    infer.add_args(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args([*map(str, srcs), "-o", str(out), "-m", str(tmp_path / "nan.npz")])
+    assert infer.main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "params/filter/bias holds NaN" in err[0]
+    assert not list(out.glob("*.mrc"))
 
 
 # ----------------------------------------------------------------------------- item 8: metadata
@@ -267,7 +295,7 @@ def test_denoiser_reads_a_topaz_sav_like_the_shipped_model(tmp_path):
     # by content, not name: a Topaz file named .npz and a cryoden file named .sav
     (tmp_path / "topaz.npz").write_bytes(AFFINE_SAV.read_bytes())
     np.testing.assert_array_equal(cryoden.Denoiser(str(tmp_path / "topaz.npz"))(x), want)
-    shipped = weights.resolve("affine")[0]
+    shipped = weights.locate("affine")[0]
     (tmp_path / "ours.sav").write_bytes(shipped.read_bytes())
     np.testing.assert_array_equal(cryoden.Denoiser(str(tmp_path / "ours.sav"))(x), want)
 
@@ -518,8 +546,8 @@ def test_zip_storage_inflating_to_1gib_is_refused_in_bounded_memory(tmp_path):
         write_inflating(zf, "archive/data/0", b"", 1024)
     assert path.stat().st_size < 2 << 20
     msg, rss = _torch_error_and_rss(path)
-    assert str(path) in msg and "zip bomb" in msg
     assert rss < MAX_RSS_MB, rss
+    assert str(path) in msg and "zip bomb" in msg
 
 
 @pytest.mark.parametrize("zip_format", [False, True], ids=["legacy", "zip"])
@@ -530,8 +558,8 @@ def test_stride0_tensor_is_refused_in_bounded_memory(tmp_path, zip_format):
     )
     assert path.stat().st_size < 4096
     msg, rss = _torch_error_and_rss(path)
-    assert str(path) in msg and "(40000, 10000)" in msg and "refusing" in msg
     assert rss < MAX_RSS_MB, rss
+    assert str(path) in msg and "(40000, 10000)" in msg and "refusing" in msg
 
 
 def test_many_references_to_one_storage_are_bounded(tmp_path):
@@ -544,7 +572,34 @@ def test_many_references_to_one_storage_are_bounded(tmp_path):
         zf.writestr("archive/data.pkl", _zip_pickle(obj))
         zf.writestr("archive/data/0", bytes(4 * n))
     msg, rss = _torch_error_and_rss(path)
-    assert "refusing to allocate" in msg and rss < MAX_RSS_MB, (msg, rss)
+    assert rss < MAX_RSS_MB, rss
+    assert "refusing to allocate" in msg
+
+
+def _claim_sizes(path: Path, name: str, size: int) -> None:
+    """Rewrite the central-directory sizes of member ``name`` (compressed and not) to ``size``."""
+    data = bytearray(path.read_bytes())
+    at = 0
+    while True:
+        at = data.index(b"PK\x01\x02", at)
+        n = int.from_bytes(data[at + 28 : at + 30], "little")
+        if data[at + 46 : at + 46 + n] == name.encode():
+            break
+        at += 4
+    data[at + 20 : at + 28] = size.to_bytes(4, "little") * 2
+    path.write_bytes(bytes(data))
+
+
+def test_zip_sizes_claimed_beyond_the_file_are_refused(tmp_path):
+    n = 16
+    path = tmp_path / "lying.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", _zip_pickle({"w": _Tensor(_Storage(n), (n,), (1,))}))
+        zf.writestr("archive/data/0", bytes(4 * n))
+    assert torchpickle.load(path)["w"].shape == (n,)  # the honest file loads
+    _claim_sizes(path, "archive/data/0", 0xFFFFFFF0)
+    with pytest.raises(torchpickle.TorchPickleError, match="claims 4,294,967,280 bytes in a file"):
+        torchpickle.load(path)
 
 
 def test_legacy_storage_larger_than_the_file_is_refused_before_reading(tmp_path):
@@ -587,5 +642,5 @@ def test_npz_member_inflating_past_its_parameter_is_refused_in_bounded_memory(tm
         "except weights.WeightsError as e:\n"
         "    print(e)\n"
     )
-    assert msg.startswith(str(path)) and key in msg
     assert rss < MAX_RSS_MB, rss
+    assert msg.startswith(str(path)) and key in msg
