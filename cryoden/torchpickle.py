@@ -451,6 +451,11 @@ def _load_legacy(f) -> Any:
 # ----------------------------------------------------------------------------- public API
 
 
+def _clip(text: str, limit: int = 300) -> str:
+    """An error message cut to ``limit`` characters (a hostile file's values can be huge)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load(path: str | os.PathLike) -> Any:
     """Unpickle a torch checkpoint: tensors become numpy arrays, modules :class:`ModuleStub`.
 
@@ -467,14 +472,14 @@ def load(path: str | os.PathLike) -> Any:
         with open(path, "rb") as f:
             return _load_legacy(f)
     except TorchPickleError as e:
-        raise type(e)(f"{where}: {e}") from None
+        raise type(e)(f"{where}: {_clip(str(e))}") from None
     except OSError as e:
         raise TorchPickleError(f"{where}: cannot read ({e.strerror or e})") from None
     except RecursionError:
         raise TorchPickleError(f"{where}: objects nested too deeply: not a checkpoint") from None
     except Exception as e:  # UnpicklingError, EOFError, TypeError, ...: a corrupt file
         raise TorchPickleError(
-            f"{where}: corrupt or unsupported torch file ({type(e).__name__}: {e})"
+            f"{where}: corrupt or unsupported torch file ({type(e).__name__}: {_clip(str(e))})"
         ) from None
 
 

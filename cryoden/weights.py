@@ -24,6 +24,8 @@ Model arguments (``--model``, ``--init``, ``Denoiser(model)``) are resolved by o
 3. any other bare word is an error listing the known names (and, if a file or folder of that name
    exists, saying to write ``./NAME`` to use it).
 
+From Python, a ``pathlib.Path`` (any non-``str`` path-like object) is always a path.
+
 A file is read by its content, not its name: a cryoden ``.npz``, or a PyTorch/Topaz checkpoint
 (``.sav``/``.pt``, state dict or whole pickled model) converted on the fly by
 :func:`cryoden.convert.convert` with the safe reader (no code in it runs).
@@ -338,11 +340,12 @@ def locate(model: str | os.PathLike) -> tuple[Path, str | None]:
     pretrained names first, then paths written as paths; WeightsError for anything else. Only
     names are resolved here: the file is not opened."""
     s = os.fspath(model)
-    for m in manifest():
-        if s == m["name"] or s in m.get("aliases", []):
-            return pretrained_dir() / m["file"], m["sha256"]
+    if isinstance(model, str):
+        for m in manifest():
+            if s == m["name"] or s in m.get("aliases", []):
+                return pretrained_dir() / m["file"], m["sha256"]
     known = f"known names: {', '.join(pretrained_names())}"
-    if not is_path(s):
+    if isinstance(model, str) and not is_path(s):
         hint = f"; write ./{s} to use the file or folder {s}" if os.path.lexists(s) else ""
         raise WeightsError(f"{s}: not a pretrained model name ({known}){hint}")
     path = Path(s).expanduser()

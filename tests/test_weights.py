@@ -106,6 +106,12 @@ def test_paths_written_as_paths_are_paths(cwd_traps):
     assert weights.resolve("m.npz") == (Path("m.npz"), None)  # an extension makes a path
 
 
+def test_a_path_object_is_always_a_path(cwd_traps):
+    assert weights.resolve(Path("mine"))[0] == Path("mine") / weights.MODEL_FILE
+    with pytest.raises(weights.WeightsError, match="not a regular file|not a readable"):
+        weights.resolve(Path("unet"))  # the junk file, asked for by a Path
+
+
 def test_tilde_is_a_path(cwd_traps, monkeypatch):
     monkeypatch.setenv("HOME", str(cwd_traps))
     assert weights.resolve("~/mine")[0] == cwd_traps / "mine" / weights.MODEL_FILE
