@@ -127,7 +127,7 @@ def check_destination(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
             raise WeightsError(f"{path}: is the input {src}; refusing to overwrite it")
     if path.is_dir():
         raise WeightsError(f"{path}: is a directory; give a file name such as model.npz")
-    if path.exists() and not is_weights_file(path):
+    if path.exists() and not (path.is_file() and is_weights_file(path)):
         raise WeightsError(
             f"{path}: exists and is not a cryoden weights file; refusing to replace it"
         )

@@ -112,6 +112,15 @@ def test_a_path_object_is_always_a_path(cwd_traps):
         weights.resolve(Path("unet"))  # the junk file, asked for by a Path
 
 
+def test_fifo_model_or_source_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "m.npz"
+    os.mkfifo(fifo)
+    with pytest.raises(weights.WeightsError, match="not a regular file"):
+        weights.resolve(str(fifo))
+    with pytest.raises(torchpickle.TorchPickleError, match="not a regular file"):
+        cv.convert(fifo)
+
+
 def test_tilde_is_a_path(cwd_traps, monkeypatch):
     monkeypatch.setenv("HOME", str(cwd_traps))
     assert weights.resolve("~/mine")[0] == cwd_traps / "mine" / weights.MODEL_FILE
@@ -383,6 +392,9 @@ def test_save_refuses_its_inputs_and_foreign_files(tmp_path):
     with pytest.raises(weights.WeightsError, match="not a cryoden weights file"):
         weights.save(image, params, SPEC)
     assert image.read_bytes() == b"precious data"
+    os.mkfifo(tmp_path / "fifo")  # refused without opening it (which would block)
+    with pytest.raises(weights.WeightsError, match="not a cryoden weights file"):
+        weights.save(tmp_path / "fifo", params, SPEC)
     weights.save(path, tiny_params(seed=1), SPEC)  # an older weights file is replaced
     assert not np.array_equal(weights.read(path)[0]["filter"]["kernel"],
                               params["filter"]["kernel"])  # fmt: skip
