@@ -351,12 +351,12 @@ def from_args(args: Any) -> Config:
     for section, key in (("data", "even"), ("data", "odd"), ("run", "out")):
         if key in over.get(section, {}):
             over[section][key] = str(_P(over[section][key]).absolute())
-    if args.init and _P(args.init).exists():
-        over["model"]["init"] = str(_P(args.init).absolute())
+    from cryoden import weights
+
+    if args.init and weights.is_path(args.init) and _P(args.init).expanduser().exists():
+        over["model"]["init"] = str(_P(args.init).expanduser().absolute())
     cfg = merge(cfg, over)
     if cfg.model.init:
-        from cryoden import weights
-
         _, spec, _ = weights.load(cfg.model.init)
         cfg = with_init_spec(cfg, spec, arch_given=arch is not None)
     if not cfg.run.out:
