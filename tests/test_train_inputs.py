@@ -251,3 +251,17 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_130(tmp_path, capsys, 
     assert capsys.readouterr().err.splitlines() == [
         "cryoden train: interrupted; complete checkpoints are kept: run the same command to resume"
     ]
+
+
+def test_init_model_is_never_replaced_by_the_exported_model(tmp_path, capsys):
+    even, odd = write_pairs(tmp_path / "d", n=3)
+    assert cli.main(parse(*tiny(even, odd, tmp_path / "first"))) == 0
+    run = tmp_path / "second"
+    run.mkdir()
+    init = run / "model.npz"  # the user's model, where the new run would export its own
+    shutil.copy(tmp_path / "first" / "model.npz", init)
+    before = init.read_bytes()
+    capsys.readouterr()
+    rc = cli.main(parse(*tiny(even, odd, run, "--init", str(init))))
+    assert rc == 2 and "refusing to overwrite" in error_line(capsys)
+    assert init.read_bytes() == before and sorted(p.name for p in run.iterdir()) == ["model.npz"]

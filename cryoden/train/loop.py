@@ -223,11 +223,14 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
             len(pairs),
         )
 
-    init_params_ = None
+    init_params_, inputs = None, []
     if cfg.model.init:
         init_params_, init_spec, _ = weights.load(cfg.model.init)
         if init_spec != spec:
             raise ValueError(f"--init {cfg.model.init} is {init_spec}, the config asks {spec}")
+        inputs = [weights.locate(cfg.model.init)[0]]
+    # the exported model may never replace the --init file (RUN/model.npz given as --init)
+    weights.check_destination(Path(cfg.run.out) / weights.MODEL_FILE, inputs)
 
     # ------------------------------------------------------------------ run directory
     has_record = _check_run_dir(cfg, record)
@@ -382,6 +385,7 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
                         out / weights.MODEL_FILE,
                         mesh.to_host(state["params"]),
                         spec,
+                        inputs=inputs,
                         config=cfg.to_dict(),
                         step=cur,
                         epoch=epoch + 1,
