@@ -43,7 +43,7 @@ from cryoden.models import NF, ConvBlock, ModelSpec, build_model, max_pool2
 # (favours fewer, larger tiles among plans of nearly equal volume).
 CALL_OVERHEAD = 1024
 # Tile side (output-grid units) at which each stage's bytes and FLOPs per unit are measured.
-MEASURE_SIDE = {2: {"s1": 32, "s2": 64, "s3": 128}, 3: {"s1": 8, "s2": 16, "s3": 32}}
+MEASURE_SIDE = {2: {"s1": 128, "s2": 256, "s3": 512}, 3: {"s1": 16, "s2": 32, "s3": 64}}
 
 
 # ------------------------------------------------------------------ stage structure
@@ -173,7 +173,8 @@ def stage_halo(spec: ModelSpec, stage: Stage) -> int:
 @dataclasses.dataclass(frozen=True)
 class StagePlan:
     """Tiles of one stage on its output grid ``grid``: tile shape ``tile``, ``calls`` kernel
-    calls of ``batch`` tiles each; ``flops`` executed; ``bytes``: per-device memory estimate."""
+    calls of ``batch`` tiles each; ``flops`` executed; ``bytes``: per-device memory of the
+    kernel (XLA's memory analysis; scaled from a smaller tile when the plan was not verified)."""
 
     stage: Stage
     grid: tuple[int, ...]
@@ -252,7 +253,7 @@ class Levelwise:
         key = (self.spec, "whole", self.platform, str(self.dtype), 1)
         if key not in _MEASURED:
             module = build_model(self.spec, dtype=self.dtype)
-            side = 4 * self.spec.stride if self.spec.ndim == 2 else 2 * self.spec.stride
+            side = 512 if self.spec.ndim == 2 else 64
             x = jax.ShapeDtypeStruct((1,) + (side,) * self.spec.ndim + (1,), jnp.float32)
             params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
             c = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(params, x).compile()
@@ -288,21 +289,36 @@ class Levelwise:
                 bpu, fpu = _bytes(c) / math.prod(tile), _flops(c) / math.prod(tile)
             else:
                 bpu, fpu = self._per_unit(st, grid)
-                target = budget
-                for _ in range(4):
-                    tile = _best_tile(grid, halo, st.align, target / bpu, self.n_dev)
-                    if not verify:
-                        break
-                    used = _bytes(self.compiled(st, tile))
-                    if used <= budget or math.prod(tile) == 1:
-                        break
-                    target *= 0.9 * budget / used
+                tile = _best_tile(grid, halo, st.align, budget / bpu, self.n_dev)
+                if verify:
+                    tile = self._fit(st, grid, tile, budget)
+                    bpu = _bytes(self.compiled(st, tile)) / math.prod(tile)
             tl = tuple(tiling.plan(grid, tile, halo, st.align))
             flops = -(-len(tl) // self.n_dev) * self.n_dev * math.prod(tile) * fpu
             plans.append(
                 StagePlan(st, grid, tile, halo, tl, self.n_dev, flops, bpu * math.prod(tile))
             )
         return Plan(tuple(padded), tuple(plans))
+
+    def _fit(self, st: Stage, grid, tile, budget: int) -> tuple[int, ...]:
+        """Compile ``tile``, re-plan with the bytes per unit measured at that shape, repeat
+        (a few times): the least-work tile whose compiled kernel fits ``budget``, else the
+        last one tried."""
+        halo, best, tried = self.halos[st.name], None, set()
+        for _ in range(4):
+            if tile in tried:
+                break
+            tried.add(tile)
+            used = _bytes(self.compiled(st, tile))
+            if used <= budget:
+                work = _work(grid, tile, halo, st.align, self.n_dev)
+                if best is None or work < best[0]:
+                    best = (work, tile)
+            slack = 1.0 if used <= budget else 0.97
+            tile = _best_tile(
+                grid, halo, st.align, slack * budget * math.prod(tile) / used, self.n_dev
+            )
+        return best[1] if best else tile
 
     def work(self, plan: Plan) -> float:
         """FLOPs the plan executes (halos, recomputed enc1 and padding tiles included) / FLOPs
@@ -383,6 +399,13 @@ def _flops(compiled) -> float:
     if isinstance(cost, list):
         cost = cost[0]
     return float(cost.get("flops", 0.0))
+
+
+def _work(grid, tile, halo: int, align: int, n_dev: int) -> float:
+    count = math.prod(
+        len(tiling.plan_axis(n, t, halo, align).origins) for n, t in zip(grid, tile, strict=True)
+    )
+    return -(-count // n_dev) * n_dev * (math.prod(tile) + CALL_OVERHEAD)
 
 
 def _best_tile(
