@@ -246,7 +246,12 @@ class Denoiser:
         padded_shape, tiles, per_call = self.plan(xn.shape, patch_size, padding, batch_size)
         if levelwise.is_unet(net.spec) and (
             use_levelwise
-            or (use_levelwise is None and len(tiles) > 1 and patch_size is None and padding is None)
+            or (
+                use_levelwise is None
+                and len(tiles) > len(self.devices)  # more than one tile per device
+                and patch_size is None
+                and padding is None
+            )
         ):
             if getattr(net, "levelwise", None) is None:
                 net.levelwise = levelwise.Levelwise(net.spec, net.params, self.dtype, self.mesh)

@@ -3,6 +3,10 @@ equals the whole (stride-padded) image's at odd sizes with several tiles per sta
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -100,3 +104,35 @@ def test_denoiser_runs_levelwise_when_tiled_and_is_exact(monkeypatch):
     assert np.abs(tiled - whole).max() <= 1e-5 * x.std()
     forced = d(x, normalize=True, levelwise=True)
     assert np.abs(forced - whole).max() <= 1e-5 * x.std()
+
+
+FOUR_DEVICES = """
+import jax, numpy as np
+from cryoden import levelwise
+from cryoden.inference import Denoiser
+assert len(jax.local_devices()) == 4
+x = np.random.default_rng(5).normal(3.0, 2.0, (150, 170)).astype(np.float32)
+whole = Denoiser("unet-small", ndim=2, devices=jax.local_devices()[:1])(x, normalize=True)
+four = Denoiser("unet-small", ndim=2)
+net = four.nets[0]
+lw = levelwise.Levelwise(net.spec, net.params, four.dtype, four.mesh)
+plan = lw.plan((152, 176), 0, tiles={"s1": (16, 16), "s2": (16, 16), "s3": (64, 64)})
+assert all(sp.batch == 4 and len(sp.tiles) > 4 for sp in plan.stages), plan
+xn = (x - x.mean(dtype=np.float64)) / x.std(dtype=np.float64, ddof=1)
+y = lw.run(xn.astype(np.float32), plan)
+assert np.abs(y - whole).max() <= 1e-5 * x.std(), np.abs(y - whole).max()
+print("OK")
+"""
+
+
+def test_levelwise_on_four_devices_equals_one_device_whole():
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", FOUR_DEVICES], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("OK")
