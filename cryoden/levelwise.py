@@ -337,7 +337,7 @@ class Levelwise:
         maps["x"][tuple(slice(0, n) for n in xn.shape)] = xn[..., None]
         total = sum(p.calls for p in plan.stages)
         done = 0
-        for sp in plan.stages:
+        for i, sp in enumerate(plan.stages):
             name, c = sp.stage.out
             maps[name] = np.empty((*sp.grid, c), np.float32)
 
@@ -347,8 +347,9 @@ class Levelwise:
 
             self._run_stage(sp, maps, maps[name], step)
             done += sp.calls
-        for dead in ("p2", "h2"):
-            maps.pop(dead, None)
+            needed = {m for later in plan.stages[i + 1 :] for m, _, _ in later.stage.inputs}
+            for m in [m for m in maps if m not in needed and m != "y"]:
+                del maps[m]  # p2 after S2, x and h2 after S3: host memory back early
         return maps["y"][tuple(slice(0, n) for n in xn.shape) + (0,)]
 
     def _run_stage(self, sp: StagePlan, maps: dict, out: np.ndarray, step) -> None:
