@@ -136,3 +136,25 @@ def test_levelwise_on_four_devices_equals_one_device_whole():
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("OK")
+
+
+def test_3d_default_goes_levelwise_instead_of_approximate_tiles(monkeypatch):
+    """A tomogram that needs tiles under the budget is planned and run level by level (exact),
+    not in 48-voxel-margin tiles; with an explicit --padding the ordinary tiles remain."""
+    calls = []
+    monkeypatch.setattr(
+        levelwise.Levelwise, "plan", lambda self, padded, budget, **kw: calls.append(padded)
+    )
+    monkeypatch.setattr(
+        levelwise.Levelwise, "run", lambda self, xn, plan, progress=None: np.zeros_like(xn)
+    )
+    monkeypatch.setenv("CRYODEN_MEMORY_BUDGET", "64M")
+    d = Denoiser("unet-3d", ndim=3)
+    x, _ = _normalised((40, 150, 150))
+    assert len(d.plan(x.shape, None, None)[1]) > 1  # ordinary tiles would be needed
+    d(x)
+    assert calls == [(64, 160, 160)]
+    assert len(d.plan(x.shape, None, 16)[1]) > 1
+    d.nets[0].kernel = lambda params, batch: np.zeros(batch.shape, np.float32)  # ordinary tiles
+    d(x, padding=16)  # explicit margins: the ordinary tiled path, not level-wise
+    assert calls == [(64, 160, 160)]
