@@ -238,21 +238,21 @@ class Denoiser:
         per_call = n_dev * min(per_dev, -(-len(tiles) // n_dev))
         return padded, tiles, per_call
 
+    def uses_levelwise(self, spec, n_tiles, patch_size, padding, use_levelwise=None) -> bool:
+        """Whether a model ``spec`` runs level by level when ``plan`` gives ``n_tiles``: U-nets
+        needing more than one tile per device with automatic tiles, or when forced."""
+        if not levelwise.is_unet(spec) or use_levelwise is False:
+            return False
+        auto = patch_size is None and padding is None
+        return bool(use_levelwise) or (auto and n_tiles > len(self.devices))
+
     def _run_tiled(
         self, net, xn, patch_size, padding, batch_size, progress, use_levelwise=None
     ) -> np.ndarray:
         """Zero-pad to the stride, run tile batches through the kernel, crop. xn: (*S) -> (*S).
         U-nets whose padded image needs tiles go level by level instead (exact at any size)."""
         padded_shape, tiles, per_call = self.plan(xn.shape, patch_size, padding, batch_size)
-        if levelwise.is_unet(net.spec) and (
-            use_levelwise
-            or (
-                use_levelwise is None
-                and len(tiles) > len(self.devices)  # more than one tile per device
-                and patch_size is None
-                and padding is None
-            )
-        ):
+        if self.uses_levelwise(net.spec, len(tiles), patch_size, padding, use_levelwise):
             if getattr(net, "levelwise", None) is None:
                 net.levelwise = levelwise.Levelwise(net.spec, net.params, self.dtype, self.mesh)
             lw_plan = net.levelwise.plan(padded_shape, memory_budget(self.devices[0]))
