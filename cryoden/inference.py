@@ -181,7 +181,7 @@ class Denoiser:
         std = float(np.std(x, dtype=np.float64, ddof=1)) if x.size > 1 else 0.0
         if not std > 0 or not math.isfinite(std):  # constant image: nothing to denoise
             return np.full(x.shape, 0.0 if normalize else mean, np.float32)
-        xn = ((x - mean) / std).astype(np.float32)
+        xn = _affine(x, 1 / std, -mean / std)
         if gaussian > 0 and self.ndim == 2:
             xn = filters.gaussian(xn, gaussian)
         y = np.zeros(x.shape, np.float32)
@@ -193,7 +193,7 @@ class Denoiser:
         y /= len(self.nets)
         if gaussian > 0 and self.ndim == 3:
             y = filters.gaussian(y, gaussian)
-        return y if normalize else (y * np.float32(std) + np.float32(mean)).astype(np.float32)
+        return y if normalize else _affine(y, std, mean)
 
     # ------------------------------------------------------------------ execution
 
@@ -304,3 +304,26 @@ def denoise(
     """
     x = np.asarray(x)
     return Denoiser(model, ndim=x.ndim, dtype=dtype, devices=devices)(x, **kwargs)
+
+
+def _affine(x: np.ndarray, scale: float, offset: float) -> np.ndarray:
+    """``x * scale + offset`` in float64, rounded once to float32; x: any shape -> float32, same.
+
+    Normalisation (``scale = 1 / std``, ``offset = -mean / std``) and restore go through here.
+    In float32 (NumPy rounds a Python-float mean to float32 for a float32 array) ``x - mean`` is
+    off by up to half a float32 ulp of the mean: a constant shift of ``ulp(mean) / 2 / std`` on
+    every pixel, which the network passes on, e.g. 8e-6 std (10x the network's own float32
+    error) for counts around 10000 with std 60. Chunks of 64k values keep the float64 buffer in
+    cache: as fast as the float32 expression, with no full-size temporaries.
+    """
+    out = np.empty(x.shape, np.float32)
+    src, dst = np.ravel(x), out.reshape(-1)
+    chunk = 1 << 16
+    buf = np.empty(min(src.size, chunk), np.float64)
+    for i in range(0, src.size, chunk):
+        part = src[i : i + chunk]
+        b = buf[: part.size]
+        np.multiply(part, scale, out=b, dtype=np.float64)
+        np.add(b, offset, out=b)
+        dst[i : i + chunk] = b
+    return out

@@ -147,6 +147,12 @@ def upsample_like(h: jax.Array, size: Sequence[int]) -> jax.Array:
     return h
 
 
+def out_dtype(dtype: Any) -> jnp.dtype:
+    """Output dtype of a model computing in ``dtype``: float32, or float64 for a float64 model
+    (a float64 run of the same structure is the reference that float32 runs are measured by)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def max_pool2(h: jax.Array) -> jax.Array:
     """2x max pooling of ``h: (B, *s, C)``, flooring odd sizes like torch ``MaxPool(2)``."""
     nd = h.ndim - 2
@@ -199,7 +205,7 @@ def _phase_kernel(kernel: jax.Array, phases: Sequence[int]) -> tuple[jax.Array, 
         gather = np.zeros((hi - lo + 1, k), np.float32)
         gather[src - lo, np.arange(k)] = 1.0
         kernel = jnp.moveaxis(
-            jnp.tensordot(jnp.asarray(gather), kernel, axes=([1], [axis])), 0, axis
+            jnp.tensordot(jnp.asarray(gather, kernel.dtype), kernel, axes=([1], [axis])), 0, axis
         )
         pads.append((-lo, hi))
     return kernel, pads
@@ -260,8 +266,8 @@ class UpConv(nn.Module):
         phases = list(itertools.product((0, 1), repeat=nd))
         outs = []
         for ph in phases:
-            w, pads = _phase_kernel(kernel[..., :c_h, :], ph)
-            outs.append(conv(h, w.astype(dt), pads))
+            w, pads = _phase_kernel(kernel[..., :c_h, :].astype(out_dtype(dt)), ph)
+            outs.append(conv(h, w.astype(dt), pads))  # taps summed in float32 or float64
         b, *s, o = outs[0].shape
         y = jnp.stack(outs).reshape((2,) * nd + (b, *s, o))  # (2, .., 2, B, *s, O)
         perm = [nd] + [i for a in range(nd) for i in (nd + 1 + a, a)] + [2 * nd + 1]
@@ -303,7 +309,7 @@ class UNet(nn.Module):
         h = ConvBlock((64, 32, 1), (t, t, t), last_activation=False, name="dec1", **blk)(
             h, skips.pop()
         )
-        return h.astype(jnp.float32)
+        return h.astype(out_dtype(self.dtype))
 
 
 class FCNN(nn.Module):
@@ -321,7 +327,7 @@ class FCNN(nn.Module):
         h = ConvBlock(
             (64, 64, 1), (w, w, w), ndim=2, last_activation=False, dtype=self.dtype, name="net"
         )(x.astype(self.dtype))
-        return h.astype(jnp.float32)
+        return h.astype(out_dtype(self.dtype))
 
 
 class Affine(nn.Module):
@@ -335,11 +341,12 @@ class Affine(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return Conv(1, self.size, 2, self.dtype, name="filter")(x).astype(jnp.float32)
+        return Conv(1, self.size, 2, self.dtype, name="filter")(x).astype(out_dtype(self.dtype))
 
 
 def build_model(spec: ModelSpec, dtype: Any = jnp.float32, polyphase: bool = True) -> nn.Module:
-    """Flax module for ``spec``; ``dtype`` is the compute dtype (params stay float32);
+    """Flax module for ``spec``; ``dtype`` is the compute dtype (params stay float32; output
+    float32, or float64 for ``dtype=float64`` under ``jax_enable_x64``: the reference structure);
     ``polyphase=False`` computes the U-net decoders literally (up-sample, concat, conv)."""
     if spec.arch in ("unet", "unet-small"):
         return UNet(spec.ndim, spec.levels, spec.base_width, spec.top_width, dtype, polyphase)

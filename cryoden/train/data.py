@@ -91,8 +91,8 @@ class _Halves:
         me, se, mo, so = self.stats[j]
         even, odd = self._maps[j]
         out = np.empty((2,) + (crop,) * len(origin), np.float32)
-        out[0] = (np.asarray(even[window], np.float32) - me) / se
-        out[1] = (np.asarray(odd[window], np.float32) - mo) / so
+        out[0] = (np.asarray(even[window], np.float64) - me) / se  # float64, rounded once:
+        out[1] = (np.asarray(odd[window], np.float64) - mo) / so  # see inference._affine
         return out
 
 
