@@ -123,15 +123,28 @@ def _mosaic_factor(n: int, width: int) -> int:
 
 
 def _conv3d_as_slices(h: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
-    """3D convolution as ``sum_j conv2d(depth slices j.., kernel[j])``: h (B, D, H, W, I)."""
+    """3D convolution as ``sum_j conv2d(depth slices j.., kernel[j])``: h (B, D, H, W, I),
+    kernel (kd, kh, kw, I, O) -> (B, D_out, H_out, W_out, O).
+
+    The depth taps are summed under ``lax.scan`` (tap 0 starts the sum, taps 1.. are scan
+    steps, in order, so the sum is the same as an unrolled one): only one depth shift of the
+    input and one 2D convolution are live at a time, instead of all ``kd`` of them, which
+    halves the memory per voxel of a 3x3x3 layer and quarters that of a 7x7x7 one, at the
+    same speed (docs/levelwise.md).
+    """
     (lo, hi), kd = pads[0], kernel.shape[0]
     b, d, hh, ww, c = h.shape
     hp = jax.lax.pad(h, jnp.zeros((), h.dtype), [(0, 0, 0), (lo, hi, 0)] + [(0, 0, 0)] * 3)
     d_out = d + lo + hi - kd + 1
-    y = None
-    for j in range(kd):
-        t = _conv2d_wide(hp[:, j : j + d_out].reshape(b * d_out, hh, ww, c), kernel[j], pads[1:])
-        y = t if y is None else y + t
+
+    def tap(j, k2d):  # the contribution of depth tap j: (B * D_out, H_out, W_out, O)
+        shifted = jax.lax.dynamic_slice_in_dim(hp, j, d_out, axis=1)
+        return _conv2d_wide(shifted.reshape(b * d_out, hh, ww, c), k2d, pads[1:])
+
+    y = tap(0, kernel[0])
+    if kd > 1:
+        step = lambda acc, jk: (acc + tap(*jk), None)  # noqa: E731
+        y, _ = jax.lax.scan(step, y, (jnp.arange(1, kd), kernel[1:]))
     return y.reshape((b, d_out) + y.shape[1:])
 
 
