@@ -7,7 +7,8 @@ native convolution (equal to float rounding, tested in ``tests/test_conv.py``; s
 with ``scripts/bench_train.py``, see docs/benchmarks.md):
 
 * A 3D convolution is a sum over its depth taps of 2D convolutions on ``(B * D, H, W, I)``
-  slices: XLA:CPU's 2D kernels are several times faster than its 3D ones.
+  slices: XLA:CPU's 2D kernels are several times faster than its 3D ones. Inference sums the
+  taps one at a time (``lax.scan``, half the memory); training unrolled (faster).
 * Convolutions to one output channel are a matrix product and a shifted sum
   (:func:`_conv_one_out`), ~4x faster.
 * Narrow images (rows under ``MOSAIC_WIDTH / 2``) are convolved side by side in one wide row
@@ -62,13 +63,14 @@ def _xla_conv(h: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
     return jax.lax.conv_general_dilated(h, kernel, (1,) * nd, pads, dimension_numbers=spec)
 
 
-def _forward_cpu(h: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
-    """The CPU forward form for these shapes (every form computes the same convolution)."""
+def _forward_cpu(h: jax.Array, kernel: jax.Array, pads: Pads, scan: bool = False) -> jax.Array:
+    """The CPU forward form for these shapes (every form computes the same convolution);
+    ``scan``: 3D depth taps one at a time (less memory, slower; :func:`_conv3d_as_slices`)."""
     taps, c_in, c_out = math.prod(kernel.shape[:-2]), kernel.shape[-2], kernel.shape[-1]
     if c_out == 1 and taps <= 2 * c_in:
         return _conv_one_out(h, kernel, pads)
     if h.ndim == 5:
-        return _conv3d_as_slices(h, kernel, pads)
+        return _conv3d_as_slices(h, kernel, pads, scan)
     return _conv2d_wide(h, kernel, pads)
 
 
@@ -122,16 +124,37 @@ def _mosaic_factor(n: int, width: int) -> int:
     return max(g for g in range(1, min(n, MOSAIC_WIDTH // width) + 1) if n % g == 0)
 
 
-def _conv3d_as_slices(h: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
-    """3D convolution as ``sum_j conv2d(depth slices j.., kernel[j])``: h (B, D, H, W, I)."""
+def _conv3d_as_slices(h: jax.Array, kernel: jax.Array, pads: Pads, scan: bool = False) -> jax.Array:
+    """3D convolution as ``sum_j conv2d(depth slices j.., kernel[j])``: h (B, D, H, W, I),
+    kernel (kd, kh, kw, I, O) -> (B, D_out, H_out, W_out, O).
+
+    Unrolled, XLA fuses the sum into one pass after all ``kd`` 2D convolutions, so every depth
+    shift of the input and every tap's output are live at once (~2.5 kB per voxel for the 3D
+    U-net). ``scan=True`` sums the taps under ``lax.scan`` (tap 0 starts the sum, taps 1.. are
+    the steps, in order: the same sum, bitwise): one shift and one 2D convolution live at a
+    time, ~1.06 kB per voxel, but ~15% slower on XLA:CPU (one add pass and one input copy per
+    tap, the taps run one after another). Inference uses it (memory sets its tile sizes), the
+    training step does not (see :func:`_with_cpu_backward`).
+    """
     (lo, hi), kd = pads[0], kernel.shape[0]
     b, d, hh, ww, c = h.shape
     hp = jax.lax.pad(h, jnp.zeros((), h.dtype), [(0, 0, 0), (lo, hi, 0)] + [(0, 0, 0)] * 3)
     d_out = d + lo + hi - kd + 1
-    y = None
-    for j in range(kd):
-        t = _conv2d_wide(hp[:, j : j + d_out].reshape(b * d_out, hh, ww, c), kernel[j], pads[1:])
-        y = t if y is None else y + t
+
+    def tap(j, k2d):  # the contribution of depth tap j: (B * D_out, H_out, W_out, O)
+        if isinstance(j, int):
+            shifted = hp[:, j : j + d_out]
+        else:
+            shifted = jax.lax.dynamic_slice_in_dim(hp, j, d_out, axis=1)
+        return _conv2d_wide(shifted.reshape(b * d_out, hh, ww, c), k2d, pads[1:])
+
+    y = tap(0, kernel[0])
+    if scan and kd > 1:
+        step = lambda acc, jk: (acc + tap(*jk), None)  # noqa: E731
+        y, _ = jax.lax.scan(step, y, (jnp.arange(1, kd), kernel[1:]))
+    else:
+        for j in range(1, kd):
+            y = y + tap(j, kernel[j])
     return y.reshape((b, d_out) + y.shape[1:])
 
 
@@ -205,14 +228,18 @@ def _kernel_grad_cpu(h, dy, kernel_shape, pads):
 
 
 def _with_cpu_backward(forward, grad_kernel):
-    """``forward(h, kernel, pads)`` with a custom backward pass: the data gradient is the same
-    kind of convolution (of ``dy`` with the flipped, transposed kernel; for 3D this replaces
-    autodiff through the depth slicing, which makes large copies), the kernel gradient is
-    ``grad_kernel`` (blockwise, see :func:`kernel_grad`)."""
+    """``forward(h, kernel, pads, scan)`` with a custom backward pass: the data gradient is the
+    same kind of convolution (of ``dy`` with the flipped, transposed kernel; for 3D this
+    replaces autodiff through the depth slicing, which makes large copies), the kernel gradient
+    is ``grad_kernel`` (blockwise, see :func:`kernel_grad`).
+
+    Not differentiated (inference), the forward sums 3D depth taps one at a time
+    (``scan=True``: half the memory, where memory sets the tile size); differentiated (the
+    training step: its forward and data gradient), it keeps the faster unrolled sum."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
     def f(h, kernel, pads):
-        return forward(h, kernel, pads)
+        return forward(h, kernel, pads, scan=True)
 
     def fwd(h, kernel, pads):
         return forward(h, kernel, pads), (h, kernel)

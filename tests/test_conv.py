@@ -181,3 +181,33 @@ def test_every_block_kind_appears():
                 else "rows"
             )
     assert kinds == {"volume", "slices", "rows"}
+
+
+@pytest.mark.parametrize("k,c_in,c_out", [(7, 1, 48), (3, 16, 16)])
+def test_3d_forward_memory_is_one_depth_tap_at_a_time(k, c_in, c_out):
+    """The 3D CPU forward sums its depth taps one at a time (``lax.scan``): XLA's temporary
+    memory stays under twice the input plus output bytes. Unrolled, every depth shift and its
+    2D convolution were live at once: 8.6x (the 7x7x7 ``enc1`` form) and 2.2x (3x3x3)."""
+    shape, pads = (1, 16, 24, 24), ((k // 2, k // 2),) * 3
+    h = jax.ShapeDtypeStruct(shape + (c_in,), jnp.float32)
+    w = jax.ShapeDtypeStruct((k, k, k, c_in, c_out), jnp.float32)
+    compiled = jax.jit(lambda h, w: C.conv(h, w, pads)).lower(h, w).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    io_bytes = 4 * np.prod(shape) * (c_in + c_out)
+    assert temp < 2 * io_bytes, temp / io_bytes
+
+
+def test_3d_scan_sum_is_the_unrolled_sum_and_training_stays_unrolled():
+    """The scanned depth-tap sum is bitwise the unrolled one (same order); inference
+    (``conv`` not differentiated) takes it, the gradient (training) keeps the unrolled form,
+    which XLA:CPU runs ~15% faster."""
+    rng = np.random.default_rng(5)
+    h = jnp.asarray(rng.normal(size=(2, 7, 9, 8, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 4)), jnp.float32)
+    pads = ((1, 2), (1, 1), (0, 2))
+    unrolled = C._conv3d_as_slices(h, w, pads, scan=False)
+    assert jnp.array_equal(jax.jit(lambda h, w: C.conv(h, w, pads))(h, w), unrolled)
+    infer = jax.jit(lambda h, w: C.conv(h, w, pads)).lower(h, w).as_text()
+    train = jax.jit(jax.grad(lambda h, w: jnp.sum(C.conv(h, w, pads) ** 2), argnums=(0, 1)))
+    assert "stablehlo.while" in infer
+    assert "stablehlo.while" not in train.lower(h, w).as_text()
