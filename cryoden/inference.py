@@ -184,8 +184,9 @@ class Denoiser:
         """Denoise ``x: (H, W)`` (2D) or ``(D, H, W)`` (3D) -> float32 of the same shape.
 
         patch_size: kept core of each tile in px (tile = core + 2 * padding, rounded up to the
-        stride); None chooses the largest tile the memory budget allows (the whole image when
-        it fits). padding: margin per tile side; None is the receptive field in 2D (exact) and
+        stride); None chooses the tiles of least total work that fit the memory budget (the
+        whole image when it fits; :meth:`plan`). padding: margin per tile side; None is the
+        receptive field in 2D (exact) and
         ``DEFAULT_PADDING_3D`` in 3D. batch_size: tiles per device per call (default 1).
         lowpass: hard low-pass binning factor applied first; gaussian: sigma in px, applied to
         the normalised input in 2D and to the output in 3D (Topaz's conventions).

@@ -13,9 +13,9 @@
 # `pip install -e ".[cuda12]"` (the cuda12 extra = jax[cuda12], see pyproject.toml) with a
 # time limit, which needs internet; without it the step fails and the run goes on, on CPU.
 # Inference and the training step need only jax, flax, optax and numpy; the test suite and
-# the K2 case also need mrcfile. Packages missing there (mrcfile, ...) can be carried as wheels in ./.whl (ignored by
-# git): they are installed first with `pip install --no-index --no-deps --target`, e.g. made
-# on a machine with internet by
+# the K2 case also need mrcfile. Packages missing there (mrcfile, ...) can be carried as
+# wheels in ./.whl (ignored by git): they are installed first with
+# `pip install --no-index --no-deps --target`, e.g. made on a machine with internet by
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux2014_x86_64 -d .whl mrcfile==1.5.4 ...
 #
