@@ -104,6 +104,15 @@ def test_denoiser_plan_stays_within_budget_by_xla_memory_analysis(monkeypatch):
     assert compared >= 4
 
 
+@pytest.mark.parametrize("model,budget", [("unet", 200e6), ("fcnn", 100e6), ("affine", 2e6)])
+def test_every_2d_model_plans_within_budget(monkeypatch, model, budget):
+    monkeypatch.setenv("CRYODEN_MEMORY_BUDGET", str(int(budget)))
+    d = Denoiser(model, ndim=2)
+    plan = d.plan((900, 700), None, None)
+    assert len(plan.tiles) > 1
+    assert memory.kernel_bytes(d.nets[0].spec, d.dtype, (1, *plan.tile), "cpu") <= budget
+
+
 @pytest.mark.parametrize(
     "budget,shape,limit", [("8G", (4096, 4096), 1.15), ("8G", (4092, 5760), 1.15)]
 )
