@@ -131,7 +131,7 @@ def _compile(spec: ModelSpec, dtype: Any, shape: tuple[int, ...], platform: str 
 
 
 def _timed(compiled, spec: ModelSpec, dtype: Any, shape, platform) -> float:
-    """Best of 3 runs of ``compiled`` on zeros, seconds (after one warm-up run)."""
+    """Best of 2 runs of ``compiled`` on zeros, seconds (after one warm-up run)."""
     dev = _device(platform)
     module, _ = _apply_fn(spec, dtype)
     params = jax.tree.map(
@@ -140,7 +140,7 @@ def _timed(compiled, spec: ModelSpec, dtype: Any, shape, platform) -> float:
     x = jax.device_put(np.zeros((*shape, 1), np.float32), dev)
     compiled(params, x).block_until_ready()
     best = math.inf
-    for _ in range(3):
+    for _ in range(2):
         t = time.perf_counter()
         np.asarray(compiled(params, x))  # includes the copy back, as the tiled run does
         best = min(best, time.perf_counter() - t)
