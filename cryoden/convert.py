@@ -26,7 +26,15 @@ import numpy as np
 
 from cryoden import torchpickle
 from cryoden.models import ModelSpec
-from cryoden.weights import WeightsError, check_params, flatten, save, sha256_file, unflatten
+from cryoden.weights import (
+    WeightsError,
+    check_destination,
+    check_params,
+    flatten,
+    save,
+    sha256_file,
+    unflatten,
+)
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # nn.DataParallel, torch.compile
 
@@ -109,6 +117,8 @@ def to_params(sd: dict[str, np.ndarray], spec: ModelSpec, where: str = "state di
         v = np.asarray(sd[tk])
         if not np.issubdtype(v.dtype, np.floating):
             raise ConvertError(f"{where}: {tk} has dtype {v.dtype}, expected floating point")
+        if not np.isfinite(v).all():
+            raise ConvertError(f"{where}: {tk} holds NaN or Inf values; refusing these weights")
         if v.ndim > 1:  # (O, I, *k) -> (*k, I, O)
             v = v.transpose(*range(2, v.ndim), 1, 0)
         if v.shape != want[fk].shape:
@@ -130,9 +140,13 @@ def convert(
 ) -> tuple[dict, ModelSpec]:
     """Topaz/PyTorch weights file ``src`` -> ``(params, spec)``; also written to ``dest`` if given.
 
-    The written file records ``source_file`` (the source's name) and ``source_sha256``.
+    The written file records ``source_file`` (the source's name) and ``source_sha256``. ``dest``
+    is checked before ``src`` is read: it may not be ``src`` (also through a symlink or hard
+    link), a directory, or an existing file other than a cryoden weights file (WeightsError).
     """
     where = str(src)
+    if dest is not None:
+        check_destination(dest, inputs=[src])
     sd = strip_wrappers(torchpickle.load_state_dict(src))
     spec = infer_spec(sd, where)
     params = to_params(sd, spec, where)
@@ -143,6 +157,7 @@ def convert(
             dest,
             params,
             spec,
+            inputs=[src],
             source_file=Path(src).name,
             source_sha256=sha256_file(src),
             converter="cryoden.convert",
@@ -153,37 +168,65 @@ def convert(
 
 # ----------------------------------------------------------------------------- command line
 
+DESCRIPTION = """\
+Convert Topaz-Denoise / PyTorch weights into a cryoden weights file (.npz).
+
+The source may be a state dict or a whole pickled model (what `topaz denoise --save-prefix`
+writes), in torch's zip or legacy format. It is read without torch and without running any code
+stored in it; the architecture (unet, unet-small, fcnn, affine; 2D or 3D; kernel widths) is
+inferred from its keys and shapes and checked strictly. Weights with NaN or Inf are refused.
+
+Conversion is optional: --model and --init also read .sav/.pt files directly.
+
+examples:
+  cryoden convert unet_L2_v0.2.2.sav -o unet.npz
+  cryoden convert snapshot_epoch100.sav -o my_model.npz
+"""
+
+EPILOG = """\
+exit status: 0 written; 1 the source cannot be converted or the output cannot be written
+(one error line, nothing written; the source is never modified); 2 bad command-line usage.
+"""
+
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.description = DESCRIPTION
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "src",
-        help="Topaz/PyTorch weights: a state dict or a whole pickled model "
-        "(.sav/.pt, zip or legacy torch format)",
+        metavar="SRC",
+        help="Topaz/PyTorch weights file: a state dict or a whole pickled model "
+        "(.sav/.pt, zip or legacy torch format); never modified",
     )
     parser.add_argument(
-        "-o", "--output", required=True, help="cryoden weights file to write (.npz)"
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT.npz",
+        help="cryoden weights file to write (written atomically; may not be the source, a "
+        "folder, or an existing file other than a cryoden weights file)",
     )
     return parser
 
 
-def main(args: argparse.Namespace | Sequence[str] | None = None) -> None:
-    """Entry point; on a bad source prints one ``error:`` line and exits with status 1."""
+def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
+    """Entry point: 0 when written; on any failure one ``error:`` line on stderr and status 1."""
     if not isinstance(args, argparse.Namespace):
-        parser = add_args(
-            argparse.ArgumentParser(
-                prog="cryoden convert",
-                description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-            )
-        )
-        args = parser.parse_args(args)
+        args = add_args(argparse.ArgumentParser(prog="cryoden convert")).parse_args(args)
     try:
         params, spec = convert(args.src, args.output)
-    except (WeightsError, torchpickle.TorchPickleError, OSError) as e:
-        sys.exit(f"cryoden convert: error: {e}")
+    except (WeightsError, torchpickle.TorchPickleError) as e:
+        print(f"cryoden convert: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the output directory: missing permission, full disk, read-only
+        msg = f"{args.output}: cannot write ({e.strerror or e})"
+        print(f"cryoden convert: error: {msg}", file=sys.stderr)
+        return 1
     n = sum(v.size for v in flatten(params).values())
     print(f"wrote {args.output}: {describe(spec)}, {n:,} parameters, from {args.src}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cryoden import filters, memory, tiling, weights
+from cryoden import filters, levelwise, memory, tiling, weights
 from cryoden.models import ModelSpec, build_model
 
 DEFAULT_MODEL = {2: "unet", 3: "unet-3d"}
@@ -180,6 +180,7 @@ class Denoiser:
         lowpass: float = 1.0,
         gaussian: float = 0.0,
         progress: Callable[[int, int], None] | None = None,
+        levelwise: bool | None = None,
     ) -> np.ndarray:
         """Denoise ``x: (H, W)`` (2D) or ``(D, H, W)`` (3D) -> float32 of the same shape.
 
@@ -190,6 +191,8 @@ class Denoiser:
         ``DEFAULT_PADDING_3D`` in 3D. batch_size: tiles per device per call (default 1).
         lowpass: hard low-pass binning factor applied first; gaussian: sigma in px, applied to
         the normalised input in 2D and to the output in 3D (Topaz's conventions).
+        levelwise: U-nets only; None runs an image that needs tiles (and no patch_size/padding
+        was given) level by level (exact, docs/levelwise.md); True always, False never.
         """
         x = np.asarray(x)
         if x.ndim != self.ndim:
@@ -214,7 +217,7 @@ class Denoiser:
             if topaz_compat:
                 y += self._run_whole(net, xn)
             else:
-                y += self._run_tiled(net, xn, patch_size, padding, batch_size, progress)
+                y += self._run_tiled(net, xn, patch_size, padding, batch_size, progress, levelwise)
         y /= len(self.nets)
         if gaussian > 0 and self.ndim == 3:
             y = filters.gaussian(y, gaussian)
@@ -298,9 +301,25 @@ class Denoiser:
             max_px = math.prod(tile) * min(budget / exact, 0.99)
         return tile, predict(tile)
 
-    def _run_tiled(self, net, xn, patch_size, padding, batch_size, progress) -> np.ndarray:
-        """Zero-pad to the stride, run tile batches through the kernel, crop. xn: (*S) -> (*S)."""
+    def uses_levelwise(self, spec, n_tiles, patch_size, padding, use_levelwise=None) -> bool:
+        """Whether a model ``spec`` runs level by level when ``plan`` gives ``n_tiles``: U-nets
+        needing more than one tile per device with automatic tiles, or when forced."""
+        if not levelwise.is_unet(spec) or use_levelwise is False:
+            return False
+        auto = patch_size is None and padding is None
+        return bool(use_levelwise) or (auto and n_tiles > len(self.devices))
+
+    def _run_tiled(
+        self, net, xn, patch_size, padding, batch_size, progress, use_levelwise=None
+    ) -> np.ndarray:
+        """Zero-pad to the stride, run tile batches through the kernel, crop. xn: (*S) -> (*S).
+        U-nets whose padded image needs tiles go level by level instead (exact at any size)."""
         padded_shape, tiles, per_call = self.plan(xn.shape, patch_size, padding, batch_size)
+        if self.uses_levelwise(net.spec, len(tiles), patch_size, padding, use_levelwise):
+            if getattr(net, "levelwise", None) is None:
+                net.levelwise = levelwise.Levelwise(net.spec, net.params, self.dtype, self.mesh)
+            lw_plan = net.levelwise.plan(padded_shape, memory_budget(self.devices[0]))
+            return net.levelwise.run(xn, lw_plan, progress)
         padded = np.zeros(padded_shape, np.float32)
         padded[tuple(slice(0, n) for n in xn.shape)] = xn
         out = np.empty(padded_shape, np.float32)

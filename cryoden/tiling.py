@@ -149,3 +149,8 @@ def least_work_tile(
 def work(shape: tuple[int, ...], tiles: list[Tile]) -> float:
     """Computed pixels (tiles with their margins) per image pixel: 1.0 = one whole pass."""
     return len(tiles) * float(math.prod(tile_shape(tiles))) / float(math.prod(shape))
+
+
+def waste(shape: tuple[int, ...], tiles: list[Tile]) -> float:
+    """Computed pixels per output pixel (1.0 = no overlap): :func:`work`, former name."""
+    return work(shape, tiles)

@@ -17,6 +17,13 @@ inert :class:`ModuleStub` classes for ``torch.nn`` and ``topaz`` modules, and pl
 Any other global (``os.system``, ``builtins.eval``, ``subprocess.Popen`` ...) raises
 :class:`UnsafePickleError` before anything is called. Whole pickled modules (``torch.save(model)``,
 what ``topaz denoise --save-prefix`` writes) are walked into the state dict torch would give.
+
+Memory is bounded by the file, not by what it claims: a legacy storage's byte count is checked
+against the bytes left in the file before it is read; a zip member may not inflate to more than
+``MAX_INFLATION`` times its compressed size (beyond ``FREE_BYTES``; torch never compresses), and all
+storages together may not exceed ``MAX_STORAGE_BYTES``; the tensors rebuilt from the storages may
+together hold at most twice the storages' bytes (plus ``FREE_BYTES``), so a stride-0 view cannot
+expand a tiny storage into a huge array. Nesting too deep for Python is a one-line error.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import collections
 import io
 import os
 import pickle
+import stat
 import sys
 import zipfile
 from pathlib import Path
@@ -34,7 +42,10 @@ import numpy as np
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # first pickle of a legacy torch file
 PROTOCOL_VERSION = 1001
-MAX_DEPTH = 64  # module nesting limit when walking a pickled model
+MAX_DEPTH = 64  # module / container nesting limit when walking a loaded checkpoint
+MAX_STORAGE_BYTES = 4 << 30  # all storages of one checkpoint together
+MAX_INFLATION = 16  # bytes a compressed zip member may inflate to per compressed byte ...
+FREE_BYTES = 16 << 20  # ... beyond this allowance (also the tensors' allowance beyond storages)
 
 
 class TorchPickleError(ValueError):
@@ -117,13 +128,29 @@ class _StorageType(_Sealed):
         return f"torch.{self.name}"
 
 
+class _Budget:
+    """Bytes the rebuilt tensors of one file may still take: twice its storages + FREE_BYTES."""
+
+    def __init__(self, storage_bytes: int):
+        self.left = 2 * storage_bytes + FREE_BYTES
+
+    def take(self, nbytes: int, size, storage) -> None:
+        if nbytes > self.left:
+            raise TorchPickleError(
+                f"tensor of size {size} ({nbytes:,} bytes) expands {storage!r} beyond what the "
+                "file's storages hold; refusing to allocate it"
+            )
+        self.left -= nbytes
+
+
 class _Storage(_Sealed):
-    """A storage: 1-d ``array`` of ``numel`` elements (None until its bytes are read)."""
+    """A storage: 1-d ``array`` of ``numel`` elements (None until its bytes are read); tensors
+    rebuilt from it are charged to ``budget`` (shared by all storages of one file)."""
 
-    __slots__ = ("dtype", "numel", "array")
+    __slots__ = ("dtype", "numel", "array", "budget")
 
-    def __init__(self, dtype, numel, array=None):
-        self.dtype, self.numel, self.array = dtype, numel, array
+    def __init__(self, dtype, numel, array=None, budget=None):
+        self.dtype, self.numel, self.array, self.budget = dtype, numel, array, budget
 
     def __repr__(self):
         return f"<storage {self.dtype} x {self.numel}>"
@@ -169,6 +196,9 @@ def _rebuild_tensor(storage, offset, size, stride, *_ignored):
     last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if last >= a.size:
         raise TorchPickleError(f"tensor {size} at offset {offset} overruns its storage ({a.size})")
+    if storage.budget is None:
+        raise TorchPickleError(f"{storage!r} has no memory budget")  # cannot happen: a bug
+    storage.budget.take(int(np.prod(size, dtype=object)) * a.itemsize, size, storage)
     strides = tuple(s * a.itemsize for s in stride)
     return np.lib.stride_tricks.as_strided(a[offset:], size, strides, writeable=False).copy()
 
@@ -262,6 +292,41 @@ def _decode(raw: bytes, dtype: np.dtype, little: bool) -> np.ndarray:
     return a.view(dtype)
 
 
+def check_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+    """Uncompressed size of member ``info`` of ``zf`` once its claims are checked against the
+    file: its compressed bytes fit in the archive, a stored member's two sizes agree, and a
+    compressed member inflates to at most ``FREE_BYTES + MAX_INFLATION x`` its bytes."""
+    archive_size = os.fstat(zf.fp.fileno()).st_size
+    if info.compress_size > archive_size:
+        raise TorchPickleError(
+            f"zip member {info.filename} claims {info.compress_size:,} bytes in a file of "
+            f"{archive_size:,}"
+        )
+    if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+        raise TorchPickleError(f"zip member {info.filename}: stored sizes disagree")
+    if info.file_size > FREE_BYTES + MAX_INFLATION * info.compress_size:
+        raise TorchPickleError(
+            f"zip member {info.filename} inflates {info.compress_size:,} bytes to "
+            f"{info.file_size:,}: refusing (a zip bomb?)"
+        )
+    return info.file_size
+
+
+def read_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """Bytes of member ``info`` as a 1-d uint8 array, read in chunks into one buffer: memory is
+    the checked size (:func:`check_zip_member`) however the member was compressed."""
+    out = np.empty(check_zip_member(zf, info), np.uint8)
+    pos = 0
+    with zf.open(info) as f:
+        while pos < out.size:
+            chunk = f.read(min(1 << 24, out.size - pos))
+            if not chunk:
+                raise TorchPickleError(f"zip member {info.filename} is truncated")
+            out[pos : pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
+            pos += len(chunk)
+    return out
+
+
 def _load_zip(zf: zipfile.ZipFile) -> Any:
     names = zf.namelist()
     pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -273,9 +338,18 @@ def _load_zip(zf: zipfile.ZipFile) -> Any:
             )
         raise TorchPickleError("a zip file without <archive>/data.pkl: not a torch checkpoint")
     prefix = pkl[0][: -len("data.pkl")]
-    order = zf.read(prefix + "byteorder") if prefix + "byteorder" in names else b"little"
+    data = [i for i in zf.infolist() if i.filename.startswith(prefix + "data/")]
+    total = sum(check_zip_member(zf, i) for i in data)
+    if total > MAX_STORAGE_BYTES:
+        raise TorchPickleError(
+            f"storages of {total:,} bytes in all, more than the {MAX_STORAGE_BYTES:,} allowed"
+        )
+    budget = _Budget(total)
+    order = b"little"
+    if prefix + "byteorder" in names:
+        order = read_zip_member(zf, zf.getinfo(prefix + "byteorder")).tobytes()
     if order not in (b"little", b"big"):
-        raise TorchPickleError(f"unknown byteorder {order!r}")
+        raise TorchPickleError(f"unknown byteorder {order[:16]!r}")
     storages: dict[str, _Storage] = {}
 
     def persistent_load(pid):
@@ -291,27 +365,33 @@ def _load_zip(zf: zipfile.ZipFile) -> Any:
                     f"storage record {name} has {info.file_size} bytes, "
                     f"expected {numel} x {dtype.itemsize}"
                 )
-            arr = _decode(zf.read(name), dtype, order == b"little")
-            storages[key] = _Storage(dtype, numel, arr)
+            arr = _decode(read_zip_member(zf, info), dtype, order == b"little")
+            storages[key] = _Storage(dtype, numel, arr, budget)
         return storages[key]
 
-    with zf.open(pkl[0]) as f:
-        return _Unpickler(f, persistent_load).load()
+    info = zf.getinfo(pkl[0])
+    return _Unpickler(io.BytesIO(read_zip_member(zf, info).tobytes()), persistent_load).load()
 
 
-def _load_legacy(f) -> Any:
-    head = io.BytesIO(f.read(64))  # the magic number's pickle is ~20 bytes: never read more
+def _legacy_magic(head: bytes) -> int | None:
+    """Length of the legacy magic-number pickle at the start of ``head``, None if absent."""
+    buf = io.BytesIO(head)
     try:
-        magic = _Unpickler(head).load()
+        magic = _Unpickler(buf).load()
     except UnsafePickleError:
         raise
     except Exception:
-        magic = None
-    if type(magic) is not int or magic != MAGIC_NUMBER:
+        return None
+    return buf.tell() if type(magic) is int and magic == MAGIC_NUMBER else None
+
+
+def _load_legacy(f) -> Any:
+    n = _legacy_magic(f.read(64))  # the magic number's pickle is ~20 bytes: never read more
+    if n is None:
         raise TorchPickleError(
             "not a PyTorch checkpoint (neither a zip archive nor a legacy torch.save file)"
         )
-    f.seek(head.tell())
+    f.seek(n)
     if (version := _Unpickler(f).load()) != PROTOCOL_VERSION:
         raise TorchPickleError(f"unsupported legacy protocol version {version!r}")
     sys_info = _Unpickler(f).load()
@@ -335,22 +415,32 @@ def _load_legacy(f) -> Any:
         if not 0 <= offset <= offset + view_size <= numel:
             raise TorchPickleError(f"bad storage view {view!r} of storage {key} ({numel})")
         arr = None if root.array is None else root.array[offset : offset + view_size]
-        return _Storage(dtype, view_size, arr)
+        return _Storage(dtype, view_size, arr, root.budget)
 
     start = f.tell()
     _Unpickler(f, persistent_load).load()  # first pass: learn each storage's dtype and size
     keys = _Unpickler(f).load()
     if not isinstance(keys, list) or set(keys) - set(storages):
         raise TorchPickleError("storage key list does not match the pickled storages")
+    size = os.fstat(f.fileno()).st_size
+    declared = sum(s.numel * s.dtype.itemsize for s in storages.values())
+    if declared > size - f.tell():
+        raise TorchPickleError(
+            f"storages declare {declared:,} bytes, the file holds {size - f.tell():,} more"
+        )
+    budget = _Budget(declared)
     for key in keys:
         s = storages[key]
         count = int.from_bytes(f.read(8), "little" if little else "big", signed=True)
         if count != s.numel:
             raise TorchPickleError(f"storage {key}: {count} elements on disk, {s.numel} declared")
-        raw = f.read(count * s.dtype.itemsize)
-        if len(raw) != count * s.dtype.itemsize:
+        nbytes = count * s.dtype.itemsize
+        if nbytes > size - f.tell():  # checked before reading: never allocate what is not there
             raise TorchPickleError(f"file truncated inside storage {key}")
-        s.array = _decode(raw, s.dtype, little)
+        raw = f.read(nbytes)
+        if len(raw) != nbytes:
+            raise TorchPickleError(f"file truncated inside storage {key}")
+        s.array, s.budget = _decode(raw, s.dtype, little), budget
     missing = [k for k, s in storages.items() if s.array is None]
     if missing:
         raise TorchPickleError(f"no data for storages {missing[:3]}")
@@ -361,6 +451,11 @@ def _load_legacy(f) -> Any:
 # ----------------------------------------------------------------------------- public API
 
 
+def _clip(text: str, limit: int = 300) -> str:
+    """An error message cut to ``limit`` characters (a hostile file's values can be huge)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load(path: str | os.PathLike) -> Any:
     """Unpickle a torch checkpoint: tensors become numpy arrays, modules :class:`ModuleStub`.
 
@@ -369,19 +464,41 @@ def load(path: str | os.PathLike) -> Any:
     """
     where = str(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise TorchPickleError("not a regular file")
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
                 return _load_zip(zf)
         with open(path, "rb") as f:
             return _load_legacy(f)
     except TorchPickleError as e:
-        raise type(e)(f"{where}: {e}") from None
+        raise type(e)(f"{where}: {_clip(str(e))}") from None
     except OSError as e:
         raise TorchPickleError(f"{where}: cannot read ({e.strerror or e})") from None
+    except RecursionError:
+        raise TorchPickleError(f"{where}: objects nested too deeply: not a checkpoint") from None
     except Exception as e:  # UnpicklingError, EOFError, TypeError, ...: a corrupt file
         raise TorchPickleError(
-            f"{where}: corrupt or unsupported torch file ({type(e).__name__}: {e})"
+            f"{where}: corrupt or unsupported torch file ({type(e).__name__}: {_clip(str(e))})"
         ) from None
+
+
+def is_torch_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a torch file by its content: a zip holding ``<prefix>/data.pkl`` (or a
+    TorchScript archive), or a legacy file starting with torch's magic number. Reads little."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                return any(
+                    n.count("/") == 1 and n.endswith(("/data.pkl", "/constants.pkl"))
+                    for n in zf.namelist()
+                )
+        with open(path, "rb") as f:
+            return _legacy_magic(f.read(64)) is not None
+    except (OSError, zipfile.BadZipFile, TorchPickleError):
+        return False
 
 
 def module_state_dict(module: ModuleStub, prefix: str = "", depth: int = 0) -> dict:
@@ -406,12 +523,15 @@ def module_state_dict(module: ModuleStub, prefix: str = "", depth: int = 0) -> d
     return out
 
 
-def to_state_dict(obj: Any, where: str = "checkpoint") -> dict[str, np.ndarray]:
+def to_state_dict(obj: Any, where: str = "checkpoint", depth: int = 0) -> dict[str, np.ndarray]:
     """Flat ``{'enc1.0.weight': array}`` from a loaded state dict, module or training checkpoint.
 
     Accepts a state dict, a pickled module (``DataParallel`` keeps torch's ``module.`` prefix),
-    or a dict holding one under ``state_dict`` / ``model_state_dict`` / ``model``.
+    or a dict holding one under ``state_dict`` / ``model_state_dict`` / ``model`` (nested at most
+    ``MAX_DEPTH`` deep).
     """
+    if depth > MAX_DEPTH:
+        raise TorchPickleError(f"{where}: state dict nested deeper than {MAX_DEPTH} levels")
     if isinstance(obj, ModuleStub):
         try:
             return module_state_dict(obj)
@@ -422,7 +542,7 @@ def to_state_dict(obj: Any, where: str = "checkpoint") -> dict[str, np.ndarray]:
             return dict(obj)
         for k in ("state_dict", "model_state_dict", "model"):
             if k in obj:
-                return to_state_dict(obj[k], where)
+                return to_state_dict(obj[k], where, depth + 1)
     raise TorchPickleError(
         f"{where}: no state dict or model found (top-level object is {type(obj).__name__})"
     )

@@ -303,8 +303,8 @@ def test_image_stats_chunked(tmp_path, monkeypatch):
 )
 def test_find_pairs_by_token_in_one_directory(tmp_path, even, odd):
     img = np.arange(64.0).reshape(8, 8)
-    for name in even + odd + ["unrelated.mrc", "notes.txt"]:
-        write_mrc(tmp_path / name, img) if name.endswith(".mrc") else (tmp_path / name).touch()
+    for i, name in enumerate(even + odd + ["unrelated.mrc", "notes.txt"]):  # distinct halves
+        write_mrc(tmp_path / name, img + i) if name.endswith(".mrc") else (tmp_path / name).touch()
     found = data.find_pairs(tmp_path, tmp_path)
     assert [(e.name, o.name) for e, o in found] == list(zip(even, odd, strict=True))
 

@@ -129,6 +129,16 @@ def _damage(step_dir: Path, how: str) -> None:
     if how == "meta":
         (step_dir / "meta" / "metadata").write_text('{"step": 1')  # truncated JSON
         return
+    if how == "iterator":  # other valid JSON: the grain iterator would skip or repeat batches
+        f = step_dir / "data" / "process_0-of-1.json"
+        state = json.loads(f.read_text())
+        assert state["next_index"] > 0
+        f.write_text(json.dumps(dict(state, next_index=state["next_index"] - 1), indent=4))
+        return
+    if how == "best":  # valid JSON, one value changed: the best loss so far
+        f = step_dir / "meta" / "metadata"
+        f.write_text(json.dumps(dict(json.loads(f.read_text()), best=0.0)))
+        return
     if how == "index":  # OCDBT b-tree node: tensorstore checks its CRC
         node = next((step_dir / "state" / "d").iterdir())
         node.write_bytes(bytes(b ^ 0xFF for b in node.read_bytes()))
@@ -152,6 +162,8 @@ def _damage(step_dir: Path, how: str) -> None:
         ("truncate", "rror"),
         ("meta", "Expecting"),
         ("index", "DATA_LOSS"),
+        ("iterator", "data-iterator state checksum mismatch"),
+        ("best", "meta checksum mismatch"),
     ],
 )
 def test_damaged_latest_checkpoint_is_skipped(data, reference, tmp_path, how, why, caplog):

@@ -17,6 +17,11 @@ from cryoden.train import __main__ as cli
 from cryoden.train import config as C
 
 
+@pytest.fixture(autouse=True)
+def _compile_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CRYODEN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jax-cache"))
+
+
 def parse(*argv: str) -> argparse.Namespace:
     return cli.add_args(argparse.ArgumentParser()).parse_args(list(argv))
 
@@ -86,9 +91,10 @@ def test_flags_override_preset_and_set(tmp_path):
 
 
 def test_3d_data_picks_the_3d_preset(tmp_path):
-    for d in ("even", "odd"):
+    rng = np.random.default_rng(0)
+    for d in ("even", "odd"):  # two different halves (identical ones are refused)
         (tmp_path / d).mkdir()
-        np.save(tmp_path / d / "t.npy", np.zeros((8, 8, 8), np.float32))
+        np.save(tmp_path / d / "t.npy", rng.normal(size=(8, 8, 8)).astype(np.float32))
     cfg = C.from_args(
         parse(
             "--even",

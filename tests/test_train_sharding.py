@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 def _env(cache: Path, devices: int = 1) -> dict:
     env = dict(os.environ)
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache)  # compile once across the subprocesses
+    env["CRYODEN_CACHE_DIR"] = str(cache)  # the same for `cryoden train` (runtime.setup)
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])

@@ -4,6 +4,7 @@ Not a test module (no ``test_`` prefix); ``write_pairs`` is imported by the test
 
   python tests/train_subproc.py sharded OUT.npz      # 1-device vs 4-device step, params -> OUT
   python tests/train_subproc.py kill CONFIG.json STEP  # train; SIGKILL itself while saving STEP
+  python tests/train_subproc.py enospc STEP ARGS...    # cryoden train ARGS; disk full at STEP
 """
 
 from __future__ import annotations
@@ -102,5 +103,25 @@ def kill(config_json: str, at_step: str) -> None:
     sys.exit(3)  # not reached when the kill fires
 
 
+def enospc(at_step: str, *argv: str) -> None:
+    """``cryoden train ARGV`` on a disk that fills up when checkpoint ``at_step`` is written
+    (the checkpoint's JSON item fails with ENOSPC, in orbax's background thread)."""
+    import errno
+
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler as jch
+
+    original = jch.JsonCheckpointHandler._save_fn
+
+    async def save_fn(self, x, directory):
+        if x.get("step", 0) >= int(at_step):
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return await original(self, x, directory)
+
+    jch.JsonCheckpointHandler._save_fn = save_fn
+    from cryoden.__main__ import main
+
+    sys.exit(main(["train", *argv]))
+
+
 if __name__ == "__main__":
-    {"sharded": sharded, "kill": kill}[sys.argv[1]](*sys.argv[2:])
+    {"sharded": sharded, "kill": kill, "enospc": enospc}[sys.argv[1]](*sys.argv[2:])

@@ -4,14 +4,20 @@
 
 - ``state``: the training-state pytree (params, opt_state, step, rng), sharded arrays;
 - ``data``: the grain iterator state, one JSON file per process (grain's orbax handler);
-- ``meta``: JSON: epoch, running epoch-loss sums, best validation so far, and a checksum of
-  every state leaf (computed on device before the save, checked after every restore).
+- ``meta``: JSON: epoch, running epoch-loss sums, best validation so far, a checksum of every
+  state leaf (computed on device before the save), a BLAKE2b digest of each process's
+  iterator-state file, and one of the meta item itself, all checked after every restore.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed mid-save leaves no step directory that looks finished (leftovers are cleaned up on the
 next start). A finished checkpoint damaged afterwards (truncated or garbled files) fails to
-restore or fails its checksum; :meth:`Checkpoints.restore_latest` then moves it to
-``RUN/checkpoints.corrupt/`` with a warning and falls back to the previous valid step.
+restore or fails its checksums; :meth:`Checkpoints.restore_latest` then moves it to
+``RUN/checkpoints.corrupt/`` with one warning line and falls back to the previous valid step.
+With several processes, a step any process cannot use is unusable for all of them.
+
+A save that fails (disk full, permissions) raises :class:`SaveError` at the next step at the
+latest (:meth:`Checkpoints.check`); the half-written step is a temporary directory that orbax
+removes on the next start, and the previous checkpoints are untouched.
 
 Kept: the latest ``keep_latest`` steps plus the ``keep_best`` steps with the lowest
 validation loss (orbax ``LatestN`` + ``BestN`` preservation policies). Saved: at the end of
@@ -20,6 +26,8 @@ every epoch, every ``save_every_steps`` steps, and when forced (interrupt).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -34,12 +42,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from cryoden.train import quiet
+
 log = logging.getLogger(__name__)
 METRIC = "select"  # metrics key ranking checkpoints (lower is better)
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one was expected."""
+
+
+class SaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, permissions, ...)."""
 
 
 # ----------------------------------------------------------------------------- checksums
@@ -70,6 +84,71 @@ def checksums(state: Any) -> dict[str, str]:
     return out
 
 
+class _IteratorState:
+    """The grain iterator as grain's checkpoint handler sees it: its state as JSON bytes.
+
+    Saving writes exactly :attr:`raw` (computed once, when the save is requested); restoring
+    records the BLAKE2b :attr:`digest` of the bytes read back before handing the state on, so
+    the file's bytes are checked, not a re-serialisation of the restored state.
+    """
+
+    def __init__(self, iterator: grain.DatasetIterator):
+        self.iterator, self.raw, self.digest = iterator, b"", ""
+
+    def snapshot(self) -> str:
+        self.raw = json.dumps(self.iterator.get_state(), indent=4, sort_keys=True).encode()
+        self.digest = _digest(self.raw)
+        return self.digest
+
+    def get_state(self) -> bytes:
+        return self.raw
+
+    def set_state(self, raw: bytes) -> None:
+        self.digest = _digest(raw)
+        self.iterator.set_state(json.loads(raw))
+
+    def start_prefetch(self) -> None:
+        start = getattr(self.iterator, "start_prefetch", None)
+        if start is not None:
+            start()
+
+
+def _digest(raw: bytes) -> str:
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """Digest of a meta dict (without its own checksum), canonical JSON."""
+    return _digest(json.dumps(meta, sort_keys=True).encode())
+
+
+def _all_processes(digest: str) -> list[str]:
+    """Every process's ``digest`` (16 hex digits), in process order."""
+    if jax.process_count() == 1:
+        return [digest]
+    from jax.experimental import multihost_utils
+
+    words = np.frombuffer(bytes.fromhex(digest), np.uint32)
+    every = np.asarray(multihost_utils.process_allgather(words))
+    return [row.astype(np.uint32).tobytes().hex() for row in every.reshape(-1, words.size)]
+
+
+def _reason(e: BaseException) -> str:
+    """First line of an error, without tensorstore's spec dump, at most 200 characters."""
+    text = (str(e).splitlines() or [""])[0].split(" [tensorstore_spec=")[0].strip()
+    text = text or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _all_ok(ok: bool) -> bool:
+    """True when ``ok`` on every process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array([ok], np.int32))))
+
+
 # ----------------------------------------------------------------------------- manager
 
 
@@ -89,7 +168,10 @@ class Checkpoints:
         save_every_steps: int | None = None,
         async_save: bool = True,
     ):
+        quiet.install()
         self.directory = Path(directory).absolute()
+        self.failed: SaveError | None = None
+        self.last_saved: int | None = None  # newest step whose save was requested
         save = [cm.SpecificStepsPolicy(frozenset(epoch_end_steps))]
         if save_every_steps:
             save.append(cm.FixedIntervalPolicy(save_every_steps))
@@ -133,38 +215,92 @@ class Checkpoints:
 
         ``iterator`` must have produced exactly the batches consumed up to ``step``.
         """
+        self.check()
         if not force and not self.should_save(step):
             return False
-        meta = dict(meta, step=int(step), checksums=checksums(state), time=time.time())
+        it = _IteratorState(iterator)
+        meta = dict(
+            meta,
+            step=int(step),
+            checksums=checksums(state),
+            data_checksums=_all_processes(it.snapshot()),
+            time=time.time(),
+        )
+        meta["meta_checksum"] = _meta_digest(meta)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(iterator),
+            data=grain.checkpoint.CheckpointSave(it),
             meta=ocp.args.JsonSave(meta),
         )
         metrics = None if metric is None else {METRIC: float(metric)}
-        return self.mngr.save(step, args=args, metrics=metrics, force=force)
+        try:  # orbax waits for the previous save anyway: do it here to name its failure
+            self.mngr.wait_until_finished()
+        except Exception as e:
+            raise self._failure(self.last_saved, e) from None
+        self.last_saved = int(step)
+        try:
+            return self.mngr.save(step, args=args, metrics=metrics, force=force)
+        except Exception as e:
+            raise self._failure(step, e) from None
+
+    def check(self) -> None:
+        """Raise :class:`SaveError` if a background save has failed (cheap; call every step)."""
+        if self.failed is not None:
+            raise self.failed
+        try:
+            self.mngr.check_for_errors()
+        except Exception as e:
+            raise self._failure(self.last_saved, e) from None
+
+    def _failure(self, step: int | None, e: BaseException) -> SaveError:
+        """Remember a failed save; the error names the newest complete checkpoint."""
+        try:
+            done = [s for s in self.steps() if s != step]
+        except Exception:  # the listing itself may fail on a broken disk
+            done = []
+        last = f"step {max(done)}" if done else "none yet"
+        reason = _reason(e)
+        self.failed = SaveError(
+            f"cannot save checkpoint step {step} in {self.directory}: {reason}; "
+            f"the last complete checkpoint ({last}) is intact: fix the cause and run the "
+            "same command to resume"
+        )
+        try:  # stop orbax's threads now; they only repeat the error
+            self.mngr.close()
+        except Exception:
+            pass
+        return self.failed
 
     def steps(self) -> list[int]:
         return list(self.mngr.all_steps())
 
     def restore(self, step: int, abstract_state: Any, iterator: grain.DatasetIterator):
         """Restore ``step`` into ``(state, meta)`` and set ``iterator``; raises on damage."""
+        it = _IteratorState(iterator)
         r = self.mngr.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(iterator),
+                data=grain.checkpoint.CheckpointRestore(it),
                 meta=ocp.args.JsonRestore(),
             ),
         )
         state, meta = r["state"], dict(r["meta"])
+        want_meta = meta.pop("meta_checksum", None)  # absent in checkpoints of older versions
+        if want_meta is not None and want_meta != _meta_digest(meta):
+            raise CheckpointError("meta checksum mismatch (edited or damaged)")
         want, got = meta.get("checksums"), checksums(state)
         if want != got:
             bad = sorted(k for k in (want or {}) if want[k] != got.get(k)) or ["(missing)"]
-            raise CheckpointError(f"checkpoint step {step}: state checksum mismatch in {bad[:3]}")
+            raise CheckpointError(f"state checksum mismatch in {bad[:3]}")
+        data_sums = meta.get("data_checksums")  # absent in checkpoints of older versions
+        if data_sums is not None:
+            i = jax.process_index()
+            if len(data_sums) != jax.process_count() or data_sums[i] != it.digest:
+                raise CheckpointError(f"data-iterator state checksum mismatch (process {i})")
         s = state["step"]
         if int(np.asarray(s.addressable_data(0) if isinstance(s, jax.Array) else s)) != step:
-            raise CheckpointError(f"checkpoint step {step}: state holds a different step")
+            raise CheckpointError(f"state holds a different step than {step}")
         return state, meta
 
     def restore_latest(self, abstract_state: Any, iterator: grain.DatasetIterator):
@@ -176,31 +312,34 @@ class Checkpoints:
         """
         errors = []
         for step in sorted(self.steps(), reverse=True):
+            restored, why = None, "unusable on another process"
             try:
                 restored = self.restore(step, abstract_state, iterator)
             except Exception as e:  # orbax/tensorstore/json errors all mean "unusable"
-                errors.append(
-                    (
-                        step,
-                        f"checkpoint step {step} in {self.directory} is unusable: "
-                        f"{str(e).splitlines()[0][:300]}",
-                    )
-                )
-                log.warning("%s; trying the previous one", errors[-1][1])
+                why = _reason(e)
+            if not _all_ok(restored is not None):
+                errors.append((step, why))
                 continue
-            for bad, _ in errors:
-                self._quarantine(bad)
+            for bad, why in errors:
+                self._quarantine(bad, why, step)
             return restored
         if errors:
             raise CheckpointError(
-                "no usable checkpoint: "
-                + "; ".join(m for _, m in errors)
-                + f". Move {self.directory} away to start afresh."
+                f"no usable checkpoint in {self.directory}: "
+                + "; ".join(f"step {s} is unusable: {why}" for s, why in errors)
+                + f". Move {self.directory} away to start afresh"
             )
         return None
 
-    def _quarantine(self, step: int) -> None:
-        log.warning("moving damaged checkpoint step %d to %s.corrupt", step, self.directory)
+    def _quarantine(self, step: int, why: str, using: int) -> None:
+        log.warning(
+            "checkpoint step %d in %s is unusable: %s; moved to %s.corrupt, resuming from step %d",
+            step,
+            self.directory,
+            why,
+            self.directory,
+            using,
+        )
         if jax.process_index() == 0:
             src = self.directory / str(step)
             dst = Path(f"{self.directory}.corrupt") / f"{step}-{int(time.time())}"
@@ -218,5 +357,12 @@ class Checkpoints:
         self.mngr.wait_until_finished()
 
     def close(self) -> None:
-        self.mngr.wait_until_finished()
-        self.mngr.close()
+        """Wait for pending saves and close; raises :class:`SaveError` if a save failed that was
+        not reported yet (after a reported failure it closes quietly)."""
+        if self.failed is not None:
+            return
+        try:
+            self.mngr.wait_until_finished()
+            self.mngr.close()
+        except Exception as e:
+            raise self._failure(self.last_saved, e) from None

@@ -9,11 +9,14 @@ flags of ``python -m cryoden.train``. The resolved config is written to ``RUN/co
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryoden.models import ModelSpec
+if TYPE_CHECKING:  # cryoden.models imports flax: not needed for --help
+    from cryoden.models import ModelSpec
 
 
 def config_dir() -> Path:
@@ -50,6 +53,8 @@ class ModelConfig:
 
     @property
     def spec(self) -> ModelSpec:
+        from cryoden.models import ModelSpec
+
         return ModelSpec(self.arch, self.ndim, self.base_width, self.top_width)
 
 
@@ -121,6 +126,20 @@ class Config:
             (d.crop > 0 and d.batch_size > 0, "data.crop and data.batch_size must be positive"),
             (0.0 <= d.holdout < 1.0, f"data.holdout {d.holdout} must be in [0, 1)"),
             (d.samples_per_pair > 0, "data.samples_per_pair must be positive"),
+            (
+                d.val_batch_size is None or d.val_batch_size > 0,
+                "data.val_batch_size must be positive",
+            ),
+            (d.num_workers >= 0, f"data.num_workers {d.num_workers} must be >= 0"),
+            (
+                o.weight_decay >= 0 and o.momentum >= 0,
+                "optim.weight_decay and momentum must be >= 0",
+            ),
+            (0 <= r.seed < 2**32, f"run.seed {r.seed} must be in [0, 2**32)"),
+            (
+                r.save_every_steps is None or r.save_every_steps > 0,
+                f"run.save_every_steps {r.save_every_steps} must be positive",
+            ),
             (o.name in ("adagrad", "adam", "sgd"), f"optim.name {o.name!r}: adagrad|adam|sgd"),
             (o.adagrad in ("torch", "optax"), f"optim.adagrad {o.adagrad!r}: torch|optax"),
             (o.loss in ("L2", "L1", "L0"), f"optim.loss {o.loss!r}: L2|L1|L0"),
@@ -135,35 +154,88 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _typed(section: str, field: dataclasses.Field, value: Any) -> Any:
+    """``value`` checked against the field's annotation (``int``, ``float | None``, ...).
+
+    Integers are accepted for floats (and integral floats for ints); anything else of the wrong
+    type, and non-finite numbers, raise ValueError naming ``section.key``.
+    """
+    kind = str(field.type).replace(" | None", "").strip()
+    optional = "None" in str(field.type)
+    if value is None and optional:
+        return value
+    ok = False
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind in ("int", "float") and type(value) in (int, float):
+        if kind == "float":
+            ok, value = math.isfinite(value), float(value)
+        else:
+            ok = type(value) is int or (math.isfinite(value) and value.is_integer())
+            value = int(value) if ok else value
+    elif kind == "str":
+        ok = isinstance(value, str)
+    if not ok:
+        want = _KINDS.get(kind, kind) + (" or null" if optional else "")
+        raise ValueError(f"{section}.{field.name} = {value!r}: expected {want}")
+    return value
 
 
 def merge(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """``cfg`` with ``{section: {key: value}}`` applied; unknown sections or keys are errors."""
+    """``cfg`` with ``{section: {key: value}}`` applied; unknown sections or keys, and values
+    of the wrong type, are errors (ValueError, one line)."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"a config must be an object of sections {list(SECTIONS)}")
     changes = {}
     for section, values in overrides.items():
         if section not in SECTIONS:
             raise ValueError(f"unknown config section {section!r}; expected {list(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {section!r} must be an object of keys")
         sub = getattr(cfg, section)
-        names = {f.name for f in dataclasses.fields(sub)}
-        bad = sorted(set(values) - names)
+        fields = {f.name: f for f in dataclasses.fields(sub)}
+        bad = sorted(set(values) - set(fields))
         if bad:
             raise ValueError(
-                f"unknown config key(s) {bad} in section {section!r}; known: {sorted(names)}"
+                f"unknown config key(s) {bad} in section {section!r}; known: {sorted(fields)}"
             )
-        changes[section] = dataclasses.replace(sub, **values)
+        typed = {k: _typed(section, fields[k], v) for k, v in values.items()}
+        changes[section] = dataclasses.replace(sub, **typed)
     return dataclasses.replace(cfg, **changes)
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """Preset name (``train-2d`` -> ``configs/train-2d.json``) or JSON path -> overrides dict."""
+    """Preset name (``train-2d`` -> ``configs/train-2d.json``) or JSON path -> overrides dict.
+
+    Raises ValueError (one line naming the file) when it is missing, unreadable, not JSON, or
+    not an object of known sections and keys with values of the right types.
+    """
     path, presets = Path(name), config_dir()
     if not path.is_file():
         path = presets / (name if name.endswith(".json") else f"{name}.json")
     if not path.is_file():
         known = sorted(p.stem for p in presets.glob("*.json")) if presets.is_dir() else []
         raise ValueError(f"{name}: no such config file or preset (presets: {known})")
-    d = json.loads(path.read_text())
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read config: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+        raise ValueError(
+            f"{path}: a config is a JSON object of sections {list(SECTIONS)}, "
+            f"not {kind.get(type(d), 'a number')}"
+        )
     d.pop("description", None)
+    try:
+        merge(Config(), d)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return d
 
 
@@ -279,12 +351,12 @@ def from_args(args: Any) -> Config:
     for section, key in (("data", "even"), ("data", "odd"), ("run", "out")):
         if key in over.get(section, {}):
             over[section][key] = str(_P(over[section][key]).absolute())
-    if args.init and _P(args.init).exists():
-        over["model"]["init"] = str(_P(args.init).absolute())
+    from cryoden import weights
+
+    if args.init and weights.is_path(args.init) and _P(args.init).expanduser().exists():
+        over["model"]["init"] = str(_P(args.init).expanduser().absolute())
     cfg = merge(cfg, over)
     if cfg.model.init:
-        from cryoden import weights
-
         _, spec, _ = weights.load(cfg.model.init)
         cfg = with_init_spec(cfg, spec, arch_given=arch is not None)
     if not cfg.run.out:
@@ -296,3 +368,32 @@ def _data_ndim(even: str, odd: str) -> int:
     from cryoden.train import data
 
     return data.open_half(data.find_pairs(even, odd)[0][0]).ndim
+
+
+# ----------------------------------------------------------------------------- --help text
+HELP_PRESETS = ("train-2d", "train-3d")
+
+
+@functools.cache
+def _help_preset(name: str) -> Config:
+    try:
+        return merge(Config(), load_preset(name))
+    except ValueError:  # a broken preset must not break --help
+        return Config()
+
+
+def default_help(section: str, key: str) -> str:
+    """``'default: 0'``, or ``'default: from the preset (train-2d: 800, train-3d: 96)'`` when
+    the presets of :data:`HELP_PRESETS` differ (read from configs/, so --help cannot drift)."""
+
+    def show(v: Any) -> str:
+        return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+    values = [getattr(getattr(_help_preset(n), section), key) for n in HELP_PRESETS]
+    if all(v == values[0] for v in values):
+        return f"default: {show(values[0])}"
+    return (
+        "default: from the preset ("
+        + ", ".join(f"{n}: {show(v)}" for n, v in zip(HELP_PRESETS, values, strict=True))
+        + ")"
+    )

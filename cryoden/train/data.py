@@ -39,6 +39,7 @@ from cryoden.train.pairs import (
 
 __all__ = [
     "check_crop",
+    "check_stats",
     "default_samples_per_epoch",
     "find_pairs",
     "open_half",
@@ -61,6 +62,13 @@ def _pair_stats(pairs: Sequence[Pair]) -> list[tuple[float, float, float, float]
     with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
         stats = list(pool.map(image_stats, paths))
     return [(*stats[2 * k], *stats[2 * k + 1]) for k in range(len(pairs))]
+
+
+def check_stats(pairs: Sequence[Pair]) -> None:
+    """Compute every half's whole-image mean and std now (cached for the data pipelines);
+    raises ``ValueError`` naming a half that is constant or holds non-finite values."""
+    if pairs:
+        _pair_stats(pairs)
 
 
 class _Halves:

@@ -3,6 +3,7 @@
 ``train(cfg)`` writes into ``RUN = cfg.run.out``::
 
     RUN/config.json        resolved config (a valid --config preset for a new run)
+    RUN/data.json          names, sizes and fingerprints of the pairs (see datarecord)
     RUN/run.json           cryoden/jax versions, devices, and the command of every invocation
     RUN/train.log          text log
     RUN/log.tsv            epoch, step, train_loss (mean over the epoch), val_loss, best, ...
@@ -11,7 +12,12 @@
                            (``cryoden infer --model RUN`` or ``--model RUN/model.npz``)
 
 Started again with the same ``RUN``, it resumes from the newest valid checkpoint; the result
-is bitwise the same as an uninterrupted run on CPU.
+is bitwise the same as an uninterrupted run on CPU. A resumed run must have the same config
+(except run length and checkpoint options) and the same data.
+
+Everything is validated (config, devices and batch size, pairs, dimensionality, crop, image
+statistics, the ``--init`` model, the saved config and data of a resumed run) before anything
+is written into ``RUN``: a failed start leaves no trace, and the corrected command just works.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import numpy as np
 import cryoden
 from cryoden import weights
 from cryoden.models import init_params
-from cryoden.train import checkpoint, data, mesh, step
+from cryoden.train import checkpoint, data, datarecord, mesh, step
 from cryoden.train.config import Config, resume_conflicts
 
 log = logging.getLogger("cryoden.train")
@@ -74,21 +80,41 @@ class _Stop:
         return self.flag.is_set()
 
 
-def _setup_run_dir(cfg: Config, command: list[str] | None) -> Path:
-    """Create RUN, check a resumed run's config, write config.json / run.json, log to a file."""
+def _check_run_dir(cfg: Config, record: list[dict[str, Any]]) -> bool:
+    """Raise ValueError if RUN holds a run with another config or other data; writes nothing.
+
+    Returns whether RUN has a data record (runs of older versions have none: it is added).
+    """
     out = Path(cfg.run.out)
-    main = mesh.is_main_process()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run directory")
     cfg_path = out / "config.json"
     if cfg_path.is_file():
-        conflicts = resume_conflicts(json.loads(cfg_path.read_text()), cfg.to_dict())
+        try:
+            saved = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{cfg_path}: unreadable ({e}); use another --out") from None
+        conflicts = resume_conflicts(saved, cfg.to_dict())
         if conflicts:
             raise ValueError(
                 f"{out} holds a run with a different config ({'; '.join(conflicts)});"
                 " use another --out, or the same settings to resume it"
             )
+    return datarecord.check(out, record)
+
+
+def _setup_run_dir(
+    cfg: Config, record: list[dict[str, Any]], has_record: bool, command: list[str] | None
+) -> Path:
+    """Create RUN, write config.json / data.json / run.json, log to a file (checked before)."""
+    out = Path(cfg.run.out)
+    main = mesh.is_main_process()
+    cfg_path = out / "config.json"
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _write_atomic(cfg_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if not has_record:
+            _write_atomic(out / datarecord.FILE, datarecord.to_json(record))
         info_path = out / "run.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {"invocations": []}
         info["invocations"].append(
@@ -102,10 +128,18 @@ def _setup_run_dir(cfg: Config, command: list[str] | None) -> Path:
             )
         )
         _write_atomic(info_path, json.dumps(info, indent=2) + "\n")
-        handler = logging.FileHandler(out / "train.log")
+        logger = logging.getLogger("cryoden")
+        for old in [h for h in logger.handlers if isinstance(h, _RunLog)]:
+            logger.removeHandler(old)  # an earlier run in this process: its log is closed
+            old.close()
+        handler = _RunLog(out / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("cryoden").addHandler(handler)
+        logger.addHandler(handler)
     return out
+
+
+class _RunLog(logging.FileHandler):
+    """RUN/train.log; one at a time per process (a new run replaces the previous one's)."""
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -131,8 +165,8 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
     d, spec = cfg.data, cfg.model.spec
     main = mesh.is_main_process()
 
-    # ------------------------------------------------------------------ run directory, mesh
-    out = _setup_run_dir(cfg, command)
+    # ------------------------------------------------------------------ mesh (nothing written
+    # into RUN until the run directory section: every check that can fail comes first)
     devices = mesh.make_mesh()
     val_bs = d.val_batch_size or d.batch_size
     mesh.check_batch_size(d.batch_size, devices)
@@ -149,6 +183,8 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
             f"({spec.arch}); pick a {first.ndim}D --arch/--config"
         )
     data.check_crop(train_pairs + val_pairs, d.crop, spec.ndim)
+    data.check_stats(pairs)  # constant or non-finite halves, before the first epoch ends
+    record = datarecord.describe(pairs)
     samples_per_epoch = len(train_pairs) * d.samples_per_pair
     steps_per_epoch = max(1, math.ceil(samples_per_epoch / d.batch_size))
     total_steps = cfg.run.steps or cfg.run.epochs * steps_per_epoch
@@ -187,6 +223,19 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
             len(pairs),
         )
 
+    init_params_, inputs = None, []
+    if cfg.model.init:
+        init_params_, init_spec, _ = weights.load(cfg.model.init)
+        if init_spec != spec:
+            raise ValueError(f"--init {cfg.model.init} is {init_spec}, the config asks {spec}")
+        inputs = [weights.locate(cfg.model.init)[0]]
+    # the exported model may never replace the --init file (RUN/model.npz given as --init)
+    weights.check_destination(Path(cfg.run.out) / weights.MODEL_FILE, inputs)
+
+    # ------------------------------------------------------------------ run directory
+    has_record = _check_run_dir(cfg, record)
+    out = _setup_run_dir(cfg, record, has_record, command)
+
     # ------------------------------------------------------------------ state (born replicated)
     optimizer = step.make_optimizer(cfg.optim)
     key = jax.random.key(cfg.run.seed)
@@ -217,11 +266,8 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
     if restored is not None:
         state, meta = restored
         log.info("resumed from %s at step %d", ckpt.directory, meta["step"])
-    elif cfg.model.init:
-        params, init_spec, _ = weights.load(cfg.model.init)
-        if init_spec != spec:
-            raise ValueError(f"--init {cfg.model.init} is {init_spec}, the config asks {spec}")
-        params = mesh.replicate_from_host(params, devices)
+    elif init_params_ is not None:
+        params = mesh.replicate_from_host(init_params_, devices)
         state = jax.jit(fresh_state, out_shardings=state_sh)(params)
         meta = {}
         log.info("initialised from %s", cfg.model.init)
@@ -252,18 +298,24 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
     batch_abs = {
         k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bsh) for k in ("source", "target")
     }
-    t0 = time.time()
-    train_step = (
-        jax.jit(
-            step.make_train_step(cfg, optimizer, steps_per_epoch, epochs),
-            in_shardings=(state_sh, bsh),
-            out_shardings=(state_sh, repl),
-            donate_argnums=0,
+    t0, cached = time.time(), _CacheHits()
+    with cached:
+        train_step = (
+            jax.jit(
+                step.make_train_step(cfg, optimizer, steps_per_epoch, epochs),
+                in_shardings=(state_sh, bsh),
+                out_shardings=(state_sh, repl),
+                donate_argnums=0,
+            )
+            .lower(abstract, batch_abs)
+            .compile()
         )
-        .lower(abstract, batch_abs)
-        .compile()
+    log.info(
+        "compiled train step in %.1f s%s: %s",
+        time.time() - t0,
+        " (from the persistent compilation cache)" if cached.hits else "",
+        _describe(train_step),
     )
-    log.info("compiled train step in %.1f s: %s", time.time() - t0, _describe(train_step))
     eval_step = jax.jit(
         step.make_eval_step(cfg), in_shardings=(state_sh["params"], bsh), out_shardings=(repl, repl)
     )
@@ -296,6 +348,7 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
                 disable=not (main and cfg.run.progress),
             )
             while cur < end:
+                ckpt.check()  # a failed background save stops the run at once
                 batch = mesh.global_batch(next(iterator), devices)
                 state, metrics = train_step(state, batch)
                 cur += 1
@@ -332,6 +385,7 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
                         out / weights.MODEL_FILE,
                         mesh.to_host(state["params"]),
                         spec,
+                        inputs=inputs,
                         config=cfg.to_dict(),
                         step=cur,
                         epoch=epoch + 1,
@@ -390,6 +444,25 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
         interrupted=False,
         params=mesh.to_host(state["params"]),
     )
+
+
+class _CacheHits:
+    """Counts jax's persistent compilation cache hits while active (``with``)."""
+
+    EVENT = "/jax/compilation_cache/cache_hits"
+
+    def __init__(self):
+        self.hits = 0
+
+    def _listen(self, event: str, **kwargs) -> None:
+        self.hits += event == self.EVENT
+
+    def __enter__(self):
+        jax.monitoring.register_event_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_listener(self._listen)
 
 
 def _describe(compiled) -> str:

@@ -15,19 +15,25 @@ Pairing rule for directories (:func:`find_pairs`):
   ``tomo_half1.rec``    <->  ``tomo_half2.rec``         (key ``tomo.rec``)
 * Even and odd files with equal keys are paired. Every file must find its partner.
 * When ``even`` and ``odd`` are the same directory, only names carrying a token take part.
+
+The two halves of a pair must be different files with different contents (the same file as
+both halves trains an identity map): :func:`check_distinct` refuses the same path, a link to
+it, and a copy of it.
 """
 
 from __future__ import annotations
 
+import filecmp
 import functools
+import hashlib
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import mrcfile
-import mrcfile.utils
 import numpy as np
+
+from cryoden import io
 
 SUFFIXES = (".mrc", ".mrcs", ".map", ".rec", ".st", ".ali", ".npy")
 _SEP = r"[_.\-]"
@@ -36,6 +42,7 @@ _ODD_RE = re.compile(rf"(^|{_SEP})(odd|half2)(?=$|{_SEP})", re.IGNORECASE)
 
 Pair = tuple[Path, Path]
 STATS_CHUNK = 1 << 24  # elements read at a time by image_stats
+SAMPLE_WINDOWS, SAMPLE_BYTES = 4, 1 << 14  # fingerprint: 4 windows of 16 KiB
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,23 +51,19 @@ STATS_CHUNK = 1 << 24  # elements read at a time by image_stats
 
 
 def _mrc_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, data offset) of an MRC file from its header, checked against its size."""
-    with mrcfile.open(path, mode="r", header_only=True, permissive=True) as m:
-        header = m.header
-        if header is None:
-            raise ValueError("no MRC header")
-        dtype = mrcfile.utils.data_dtype_from_header(header)
-        nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
-        offset = 1024 + int(header.nsymbt)
-    shape = (ny, nx) if nz == 1 else (nz, ny, nx)
-    if min(nx, ny, nz) < 1:
-        raise ValueError(f"empty data (nx, ny, nz = {nx}, {ny}, {nz})")
-    if dtype.kind == "c":
-        raise ValueError(f"complex data ({dtype}) is not an image")
-    need = offset + int(np.prod(shape)) * dtype.itemsize
-    if path.stat().st_size < need:
-        raise ValueError(f"truncated: {path.stat().st_size} bytes, header needs {need}")
-    return shape, dtype, offset
+    """(shape, dtype, data offset) of an MRC file from its header, checked against its size
+    before anything is allocated (:func:`cryoden.io.mrc_layout`); IMOD's unsigned bytes read
+    as uint8."""
+    lay = io.mrc_layout(path)
+    shape = lay.shape
+    if len(shape) == 4:  # volume stack: one volume only
+        if shape[0] != 1:
+            raise ValueError(f"volume stacks ({shape[0]} volumes) are not supported")
+        shape = shape[1:]
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    dtype = np.dtype(np.uint8) if lay.imod_unsigned else lay.dtype
+    return shape, dtype, lay.offset
 
 
 def open_half(path: str | os.PathLike) -> np.memmap:
@@ -72,6 +75,7 @@ def open_half(path: str | os.PathLike) -> np.memmap:
     path = Path(path)
     try:
         if path.suffix.lower() == ".npy":
+            io.check_regular_file(path)
             arr = np.load(path, mmap_mode="r")
             if not isinstance(arr, np.memmap):
                 raise ValueError("not a memory-mappable .npy array")
@@ -195,10 +199,50 @@ def find_pairs(
                 raise ValueError(f"{p} is a directory: give two directories or two file lists")
         pairs = list(zip(even_list, odd_list, strict=True))
     for e, o in pairs:
+        check_distinct(e, o)
         se, so = half_shape(e), half_shape(o)
         if se != so:
             raise ValueError(f"shape mismatch: {e} is {se} but its odd half {o} is {so}")
     return pairs
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """Cheap content fingerprint of a file: BLAKE2b (16 hex digits) of its size and of
+    :data:`SAMPLE_WINDOWS` windows of :data:`SAMPLE_BYTES` spread evenly from its start to its
+    end (64 KiB read at most). Independent of the file's name, path and times, so it survives
+    copying the data to other storage; any edit to the sampled bytes or the size changes it.
+    Cached per file (keyed by path, modification time and size)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return _fingerprint_cached(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fingerprint_cached(path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.blake2b(str(size).encode(), digest_size=8)
+    span = max(0, size - SAMPLE_BYTES)
+    with open(path, "rb") as f:
+        for k in range(SAMPLE_WINDOWS):
+            f.seek(span * k // (SAMPLE_WINDOWS - 1))
+            h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def check_distinct(even: str | os.PathLike, odd: str | os.PathLike) -> None:
+    """Raise ``ValueError`` if the two halves are one file (same path, hard or symbolic link)
+    or two files with identical contents (fingerprints equal, then confirmed byte by byte)."""
+    try:
+        same = os.path.samefile(even, odd)
+        copy = not same and fingerprint(even) == fingerprint(odd)
+        copy = copy and filecmp.cmp(even, odd, shallow=False)
+    except OSError as e:
+        raise ValueError(f"cannot read {e.filename}: {e.strerror}") from None
+    if same or copy:
+        what = "the same file" if same else "identical copies"
+        raise ValueError(
+            f"even half {even} and odd half {odd} are {what}: Noise2Noise needs two "
+            "independent halves of each exposure (training on one would learn the identity)"
+        )
 
 
 def split_holdout(pairs: Sequence[Pair], fraction: float, seed: int) -> tuple[list, list]:

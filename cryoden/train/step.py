@@ -126,12 +126,18 @@ def make_train_step(
     """Pure ``train_step(state, batch) -> (state, {'loss': f32[], 'gamma': f32[]})``.
 
     ``loss`` is the mean over every pixel of the global batch (torch's reduction='mean').
+    ``gamma`` is L0's exponent; other losses ignore it and get a constant 2, so that their
+    compiled step does not depend on the run length (a longer resumed run hits the persistent
+    compilation cache).
     """
     forward = make_forward(cfg)
     name, eps = cfg.optim.loss, cfg.optim.l0_eps
 
     def train_step(state, batch):
-        gamma = l0_gamma(state["step"], steps_per_epoch, epochs)
+        if name == "L0":
+            gamma = l0_gamma(state["step"], steps_per_epoch, epochs)
+        else:
+            gamma = jnp.float32(2.0)
 
         def loss_fn(params):
             pred = forward(params, batch["source"])

@@ -1,0 +1,436 @@
+"""Exact U-net inference at any size, level by level (docs/levelwise.md).
+
+Tiling the whole U-net needs margins of its whole receptive field (~160 px), but that field is
+large only because of the coarse levels. Here the network ``models.UNet`` (``L`` poolings) is
+cut into three stages, each run over its own grid in fixed-shape tiles with only its own halo:
+
+    S1  x  (B, *4t, 1)                    -> p2 (B, *t, 48)   enc1, pool, enc2, pool
+    S2  p2 (B, *t, 48)                    -> h2 (B, *t, 96)   enc3..enc{L+1}, dec{L}..dec3
+    S3  x  (B, *t, 1), h2 (B, *t/4, 96)   -> y  (B, *t, 1)    enc1, pool (p1 again), dec2, dec1
+
+``t`` is the stage's tile on its output grid (S1, S2: 1/4 resolution; S3: full). The maps p2
+and h2 between stages live in host memory (48 and 96 channels at 1/16 of the pixels in 2D,
+1/64 in 3D). Each stage uses the model's own Flax blocks with its parameter sub-trees, so the
+arithmetic is the whole model's. A tile window lies inside the (stride-padded) image, where
+the stage's zero 'same' padding is the whole image's at true borders; near an interior window
+edge it is wrong within the stage's halo, which :func:`stage_halo` finds by propagating
+dependency intervals through the same stage code, and which every tile discards
+(``tiling.plan`` with ``margin = halo``). Window origins and sizes are multiples of the stage's
+down-sampling, so pooling and up-sampling phases line up with the whole image's. Result: the
+whole (padded) image's output, for any size, with a few percent of extra work.
+
+Tile shapes are chosen per stage from the memory budget, using XLA's memory analysis of the
+compiled stage kernel (measured once per model, stage, platform and dtype, scaled by volume,
+checked again at the chosen shape), to minimise the stage's executed volume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cryoden import tiling
+from cryoden.models import NF, ConvBlock, ModelSpec, build_model, max_pool2
+
+# Per-call cost, in output-grid units of volume, added to each tile when comparing plans
+# (favours fewer, larger tiles among plans of nearly equal volume).
+CALL_OVERHEAD = 1024
+# Tile side (output-grid units) at which each stage's bytes and FLOPs per unit are measured.
+MEASURE_SIDE = {2: {"s1": 128, "s2": 256, "s3": 512}, 3: {"s1": 16, "s2": 32, "s3": 64}}
+
+
+# ------------------------------------------------------------------ stage structure
+
+
+def _stage1(spec: ModelSpec, ops, x):
+    h = ops.pool(ops.block("enc1", (NF,), (spec.base_width,), x))
+    return ops.pool(ops.block("enc2", (NF,), (3,), h))
+
+
+def _stage2(spec: ModelSpec, ops, p2):
+    skips, h = [p2], p2
+    for i in range(3, spec.levels + 1):
+        h = ops.pool(ops.block(f"enc{i}", (NF,), (3,), h))
+        skips.append(h)
+    h = ops.block(f"enc{spec.levels + 1}", (NF,), (3,), h)
+    skips.pop()  # the deepest pooled map feeds enc{L+1} only
+    for i in range(spec.levels, 2, -1):
+        h = ops.block(f"dec{i}", (2 * NF, 2 * NF), (3, 3), h, skips.pop())
+    return h
+
+
+def _stage3(spec: ModelSpec, ops, x, h2):
+    p1 = ops.pool(ops.block("enc1", (NF,), (spec.base_width,), x))
+    h = ops.block("dec2", (2 * NF, 2 * NF), (3, 3), h2, p1)
+    t = spec.top_width
+    return ops.block("dec1", (64, 32, 1), (t, t, t), h, x, last_activation=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage: ``inputs`` are (map name, channels, e) with the input at ``2**e`` times the
+    output grid's resolution; ``out_scale``: output grid = padded image / ``2**out_scale``;
+    ``align``: tile origins and sizes are multiples of it (output-grid units)."""
+
+    name: str
+    fn: Callable
+    inputs: tuple[tuple[str, int, int], ...]
+    out: tuple[str, int]
+    out_scale: int
+    align: int
+
+
+def stages(spec: ModelSpec) -> tuple[Stage, Stage, Stage]:
+    """The three stages of a U-net ``spec`` (``levels >= 3``)."""
+    if spec.arch not in ("unet", "unet-small"):
+        raise ValueError(f"level-wise inference is for U-nets, not {spec.arch!r}")
+    return (
+        Stage("s1", _stage1, (("x", 1, 2),), ("p2", NF), 2, 1),
+        Stage("s2", _stage2, (("p2", NF, 0),), ("h2", 2 * NF), 2, 2 ** (spec.levels - 2)),
+        Stage("s3", _stage3, (("x", 1, 0), ("h2", 2 * NF, -2)), ("y", 1), 0, 4),
+    )
+
+
+class _FlaxOps:
+    """Stage operations on arrays: the model's own blocks with their parameter sub-trees."""
+
+    def __init__(self, params, ndim: int, dtype):
+        self.params, self.ndim, self.dtype = params, ndim, dtype
+
+    def block(self, name, features, kernels, h, skip=None, last_activation=True):
+        blk = ConvBlock(features, kernels, self.ndim, last_activation, self.dtype)
+        return blk.apply({"params": self.params[name]}, h, skip)
+
+    def pool(self, h):
+        return max_pool2(h)
+
+
+class _IntervalOps:
+    """Stage operations on dependency intervals along one axis: a map is a dict
+    ``source -> (lo, hi)``, the first and last index of that source each position reads."""
+
+    def block(self, name, features, kernels, h, skip=None, last_activation=True):
+        if skip is not None:
+            up = {s: (np.repeat(lo, 2), np.repeat(hi, 2)) for s, (lo, hi) in h.items()}
+            h = dict(skip)
+            for s, (lo, hi) in up.items():
+                h[s] = (np.minimum(lo, h[s][0]), np.maximum(hi, h[s][1])) if s in h else (lo, hi)
+        for k in kernels:
+            h = {s: _box(lo, hi, k) for s, (lo, hi) in h.items()}
+        return h
+
+    def pool(self, h):
+        return {
+            s: (lo.reshape(-1, 2).min(-1), hi.reshape(-1, 2).max(-1)) for s, (lo, hi) in h.items()
+        }
+
+
+def _box(lo, hi, k):
+    r = k // 2
+    win = np.lib.stride_tricks.sliding_window_view
+    lo_p, hi_p = np.pad(lo, r, mode="edge"), np.pad(hi, r, mode="edge")
+    return win(lo_p, 2 * r + 1).min(-1), win(hi_p, 2 * r + 1).max(-1)
+
+
+def dependencies(spec: ModelSpec, stage: Stage, n_out: int) -> dict[str, tuple]:
+    """Along one axis of an output grid of ``n_out`` (a multiple of 4 * the stage's alignment):
+    for each stage input, ``(lo, hi)`` arrays (n_out,) of the first and last input index that
+    each output position depends on (interior positions; borders clip)."""
+    srcs = []
+    for name, _, e in stage.inputs:
+        n = n_out * 2**e if e >= 0 else n_out // 2**-e
+        srcs.append({name: (np.arange(n), np.arange(n))})
+    return stage.fn(spec, _IntervalOps(), *srcs)
+
+
+def stage_halo(spec: ModelSpec, stage: Stage) -> int:
+    """Margin (output-grid units) that a kept output position must keep from an interior window
+    edge so that every input it depends on lies inside the window."""
+    n = 64 * stage.align * 4
+    deps = dependencies(spec, stage, n)
+    j = np.arange(n)[n // 4 : 3 * n // 4]
+    margin = 0
+    for name, _, e in stage.inputs:
+        lo, hi = (a[n // 4 : 3 * n // 4] for a in deps[name])
+        if e >= 0:  # input index i covers output coordinate i >> e
+            first, last = lo >> e, hi >> e
+        else:  # input index i covers output coordinates [i << -e, (i + 1) << -e)
+            first, last = lo << -e, ((hi + 1) << -e) - 1
+        margin = max(margin, int((j - first).max()), int((last - j).max()))
+    return margin
+
+
+# ------------------------------------------------------------------ planning
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """Tiles of one stage on its output grid ``grid``: tile shape ``tile``, ``calls`` kernel
+    calls of ``batch`` tiles each; ``flops`` executed; ``bytes``: per-device memory of the
+    kernel (XLA's memory analysis; scaled from a smaller tile when the plan was not verified)."""
+
+    stage: Stage
+    grid: tuple[int, ...]
+    tile: tuple[int, ...]
+    halo: int
+    tiles: tuple[tiling.Tile, ...]
+    batch: int
+    flops: float
+    bytes: float
+
+    @property
+    def calls(self) -> int:
+        return -(-len(self.tiles) // self.batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Stage plans for a padded image (see :meth:`Levelwise.work` for the work factor)."""
+
+    padded: tuple[int, ...]
+    stages: tuple[StagePlan, ...]
+
+
+_MEASURED: dict = {}  # (spec, stage, platform, dtype, devices) -> (bytes, flops) per unit volume
+
+
+class Levelwise:
+    """Plans and runs a U-net level by level. params: the model's parameters (replicated on
+    ``mesh``); mesh: 1D device mesh with axis ``'tiles'`` (tiles of a call are sharded on it)."""
+
+    def __init__(self, spec: ModelSpec, params: Any, dtype: Any, mesh: jax.sharding.Mesh):
+        self.spec, self.params, self.dtype, self.mesh = spec, params, jnp.dtype(dtype), mesh
+        self.stages = stages(spec)
+        self.halos = {s.name: stage_halo(spec, s) for s in self.stages}
+        self.n_dev = mesh.devices.size
+        self.platform = mesh.devices.flat[0].platform
+        self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tiles"))
+        self._compiled: dict = {}
+
+    # -- kernels
+
+    def _fn(self, stage: Stage):
+        ops_args = (self.spec.ndim, self.dtype)
+
+        def f(params, *inputs):
+            return stage.fn(self.spec, _FlaxOps(params, *ops_args), *inputs)
+
+        return f
+
+    def compiled(self, stage: Stage, tile: tuple[int, ...]):
+        """The stage kernel for output tiles ``tile``, batch ``n_dev`` (compiled once)."""
+        key = (stage.name, tuple(tile))
+        if key not in self._compiled:
+            args = [
+                jax.ShapeDtypeStruct(
+                    (self.n_dev, *_scale_shape(tile, e), c), jnp.float32, sharding=self.sharding
+                )
+                for _, c, e in stage.inputs
+            ]
+            self._compiled[key] = jax.jit(self._fn(stage)).lower(self.params, *args).compile()
+        return self._compiled[key]
+
+    def _per_unit(self, stage: Stage, grid: tuple[int, ...]) -> tuple[float, float]:
+        """(bytes per device, FLOPs) per unit of tile volume, measured on a small tile."""
+        key = (self.spec, stage.name, self.platform, str(self.dtype), self.n_dev)
+        if key not in _MEASURED:
+            side = MEASURE_SIDE[self.spec.ndim][stage.name]
+            tile = tuple(min(n, tiling.round_up(side, stage.align)) for n in grid)
+            c = self.compiled(stage, tile)
+            # memory and cost analyses are per device, i.e. per tile
+            _MEASURED[key] = (_bytes(c) / math.prod(tile), _flops(c) / math.prod(tile))
+        return _MEASURED[key]
+
+    def whole_flops_per_px(self) -> float:
+        """FLOPs per pixel of one whole-image pass (XLA cost analysis at a small size)."""
+        key = (self.spec, "whole", self.platform, str(self.dtype), 1)
+        if key not in _MEASURED:
+            module = build_model(self.spec, dtype=self.dtype)
+            side = 512 if self.spec.ndim == 2 else 64
+            x = jax.ShapeDtypeStruct((1,) + (side,) * self.spec.ndim + (1,), jnp.float32)
+            params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
+            c = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(params, x).compile()
+            _MEASURED[key] = (0.0, _flops(c) / side**self.spec.ndim)
+        return _MEASURED[key][1]
+
+    # -- planning
+
+    def plan(
+        self,
+        padded: tuple[int, ...],
+        budget: int,
+        tiles: dict[str, tuple[int, ...]] | None = None,
+        verify: bool = True,
+    ) -> Plan:
+        """Plan a padded image (each side a multiple of the stride) under ``budget`` bytes per
+        device. tiles: optional output-grid tile shape per stage name (tests, benchmarks);
+        verify: compile the chosen kernels and shrink a tile whose measured memory exceeds the
+        budget (planning only for a report: False)."""
+        if any(n % self.spec.stride for n in padded):
+            raise ValueError(f"shape {padded} is not a multiple of the stride {self.spec.stride}")
+        plans = []
+        for st in self.stages:
+            grid = tuple(n >> st.out_scale for n in padded)
+            halo = self.halos[st.name]
+            if tiles and st.name in tiles:
+                least = tiling.round_up(2 * halo + st.align, st.align)  # smallest valid tile
+                tile = tuple(
+                    min(tiling.round_up(max(t, least), st.align), n)
+                    for t, n in zip(tiles[st.name], grid, strict=True)
+                )
+                c = self.compiled(st, tile)
+                bpu, fpu = _bytes(c) / math.prod(tile), _flops(c) / math.prod(tile)
+            else:
+                bpu, fpu = self._per_unit(st, grid)
+                tile = _best_tile(grid, halo, st.align, budget / bpu, self.n_dev)
+                if verify:
+                    tile = self._fit(st, grid, tile, budget)
+                    bpu = _bytes(self.compiled(st, tile)) / math.prod(tile)
+            tl = tuple(tiling.plan(grid, tile, halo, st.align))
+            flops = -(-len(tl) // self.n_dev) * self.n_dev * math.prod(tile) * fpu
+            plans.append(
+                StagePlan(st, grid, tile, halo, tl, self.n_dev, flops, bpu * math.prod(tile))
+            )
+        return Plan(tuple(padded), tuple(plans))
+
+    def _fit(self, st: Stage, grid, tile, budget: int) -> tuple[int, ...]:
+        """Compile ``tile``, re-plan with the bytes per unit measured at that shape, repeat
+        (a few times): the least-work tile whose compiled kernel fits ``budget``, else the
+        last one tried."""
+        halo, best, tried = self.halos[st.name], None, set()
+        for _ in range(4):
+            if tile in tried:
+                break
+            tried.add(tile)
+            used = _bytes(self.compiled(st, tile))
+            if used <= budget:
+                work = _work(grid, tile, halo, st.align, self.n_dev)
+                if best is None or work < best[0]:
+                    best = (work, tile)
+            slack = 1.0 if used <= budget else 0.97
+            tile = _best_tile(
+                grid, halo, st.align, slack * budget * math.prod(tile) / used, self.n_dev
+            )
+        return best[1] if best else tile
+
+    def work(self, plan: Plan) -> float:
+        """FLOPs the plan executes (halos, recomputed enc1 and padding tiles included) / FLOPs
+        of one whole-image pass (XLA's cost analysis; compiles the whole model at a small size)."""
+        return sum(p.flops for p in plan.stages) / (
+            self.whole_flops_per_px() * math.prod(plan.padded)
+        )
+
+    # -- execution
+
+    def run(
+        self, xn: np.ndarray, plan: Plan, progress: Callable[[int, int], None] | None = None
+    ) -> np.ndarray:
+        """Denoise the normalised ``xn: (*S)`` (zero-padded here to ``plan.padded``) -> (*S)."""
+        maps = {"x": np.zeros((*plan.padded, 1), np.float32)}
+        maps["x"][tuple(slice(0, n) for n in xn.shape)] = xn[..., None]
+        total = sum(p.calls for p in plan.stages)
+        done = 0
+        for i, sp in enumerate(plan.stages):
+            name, c = sp.stage.out
+            maps[name] = np.empty((*sp.grid, c), np.float32)
+
+            def step(k, done=done):
+                if progress:
+                    progress(done + k, total)
+
+            self._run_stage(sp, maps, maps[name], step)
+            done += sp.calls
+            needed = {m for later in plan.stages[i + 1 :] for m, _, _ in later.stage.inputs}
+            for m in [m for m in maps if m not in needed and m != "y"]:
+                del maps[m]  # p2 after S2, x and h2 after S3: host memory back early
+        return maps["y"][tuple(slice(0, n) for n in xn.shape) + (0,)]
+
+    def _run_stage(self, sp: StagePlan, maps: dict, out: np.ndarray, step) -> None:
+        kernel = self.compiled(sp.stage, sp.tile)
+        groups = [sp.tiles[i : i + sp.batch] for i in range(0, len(sp.tiles), sp.batch)]
+
+        def submit(group):
+            args = []
+            for name, c, e in sp.stage.inputs:
+                batch = np.zeros((sp.batch, *_scale_shape(sp.tile, e), c), np.float32)
+                for b, t in enumerate(group):
+                    batch[b] = maps[name][_scale_window(t.window, e)]
+                args.append(jax.device_put(batch, self.sharding))
+            return kernel(self.params, *args)
+
+        def collect(group, result):
+            result = np.asarray(result)
+            for b, t in enumerate(group):
+                out[t.keep] = result[(b, *t.local)]
+
+        pending = None  # dispatch is asynchronous: prepare batch k+1 while k runs
+        for k, group in enumerate(groups):
+            result = submit(group)
+            if pending is not None:
+                collect(*pending)
+                step(k)
+            pending = (group, result)
+        collect(*pending)
+        step(len(groups))
+
+
+def _scale_shape(shape, e: int) -> tuple[int, ...]:
+    return tuple(n << e if e >= 0 else n >> -e for n in shape)
+
+
+def _scale_window(window, e: int) -> tuple[slice, ...]:
+    f = functools.partial(lambda v: v << e if e >= 0 else v >> -e)
+    return tuple(slice(f(s.start), f(s.stop)) for s in window)
+
+
+def _bytes(compiled) -> float:
+    m = compiled.memory_analysis()
+    return float(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    return float(cost.get("flops", 0.0))
+
+
+def _work(grid, tile, halo: int, align: int, n_dev: int) -> float:
+    count = math.prod(
+        len(tiling.plan_axis(n, t, halo, align).origins) for n, t in zip(grid, tile, strict=True)
+    )
+    return -(-count // n_dev) * n_dev * (math.prod(tile) + CALL_OVERHEAD)
+
+
+def _best_tile(
+    grid: tuple[int, ...], halo: int, align: int, max_vol: float, n_dev: int
+) -> tuple[int, ...]:
+    """Tile shape (multiples of ``align``, capped by ``grid``) of volume <= ``max_vol`` that
+    minimises the executed volume ``calls * n_dev * (volume + CALL_OVERHEAD)``; the smallest
+    tile when none fits."""
+    axes = []
+    for n in grid:
+        smallest = tiling.round_up(2 * halo + align, align)
+        sizes = [t for t in range(smallest, n, align)] + [n]
+        counts = [len(tiling.plan_axis(n, t, halo, align).origins) for t in sizes]
+        axes.append((np.array(sizes, np.float64), np.array(counts, np.float64)))
+    vol = functools.reduce(np.multiply.outer, [a[0] for a in axes])
+    count = functools.reduce(np.multiply.outer, [a[1] for a in axes])
+    work = np.ceil(count / n_dev) * n_dev * (vol + CALL_OVERHEAD)
+    work = np.where(vol <= max_vol, work, np.inf)
+    if not np.isfinite(work).any():
+        idx = np.unravel_index(np.argmin(vol), vol.shape)
+    else:
+        idx = np.unravel_index(np.argmin(work), work.shape)
+    return tuple(int(a[0][i]) for a, i in zip(axes, idx, strict=True))
+
+
+def is_unet(spec: ModelSpec) -> bool:
+    return spec.arch in ("unet", "unet-small")
