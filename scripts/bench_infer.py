@@ -16,7 +16,8 @@ Usage::
     CRYODEN_MEMORY_BUDGET=8G python scripts/bench_infer.py --case falcon-cryoden
 
 Real sizes (group ``real``): a Falcon 4096x4096 micrograph and a K3 5760x4092 one (synthetic),
-cryoden with the default memory budget and with 8 GiB, Topaz at its defaults (1024 + 500
+cryoden with the default memory budget and with 8 GiB (``falcon-tiles-8g``: ordinary tiles,
+never level-wise), Topaz at its defaults (1024 + 500
 tiles); tomograms of 200x512x512 (measured) and 300x928x960. The latter is measured where
 ``--measure-large`` is given, else estimated from its plan's work and the rate measured on the
 200x512x512 one (marked "estimated"). Topaz's 3D defaults (96 + 48: 192³ tiles, ~59 s each
@@ -134,6 +135,8 @@ def worker(args) -> None:
         kw = {}
         if args.patch is not None:
             kw = dict(patch_size=args.patch, padding=args.padding)
+        if os.environ.get("CRYODEN_BENCH_TILES") == "1":  # ordinary tiles, never level-wise
+            kw["levelwise"] = False
         t = time.perf_counter()
         y = d(x, **kw)  # first call includes compilation
         first = time.perf_counter() - t
@@ -143,6 +146,12 @@ def worker(args) -> None:
             times.append(time.perf_counter() - t)
         plan = d.plan(x.shape, args.patch, args.padding)
         extra = {"first_call_s": first, "tiles": len(plan.tiles), "work": plan.work}
+        lw = getattr(d.nets[0], "levelwise", None)
+        if lw is not None:  # it ran level by level: its own work factor (FLOPs / one pass)
+            from cryoden.inference import memory_budget
+
+            budget = memory_budget(d.devices[0])
+            extra.update(path="levelwise", work=lw.work(lw.plan(plan.padded, budget)))
     else:
         import torch
 
@@ -224,6 +233,7 @@ CASES = {
         ("falcon-cryoden-whole", "falcon", "cryoden", "unet", None, None, None, 1),
         ("falcon-cryoden", "falcon", "cryoden", "unet", None, None, "falcon-cryoden-whole", 1),
         ("falcon-cryoden-8g", "falcon", "cryoden", "unet", None, None, "falcon-cryoden-whole", 1),
+        ("falcon-tiles-8g", "falcon", "cryoden", "unet", None, None, "falcon-cryoden-whole", 1),
         ("falcon-topaz-default", "falcon", "topaz", "unet", 1024, 500, "falcon-cryoden", 1),
         ("k3-cryoden", "k3", "cryoden", "unet", None, None, None, 1),
         ("k3-cryoden-8g", "k3", "cryoden", "unet", None, None, "k3-cryoden", 1),
@@ -236,6 +246,7 @@ CASES = {
 CASE_ENV = {
     "falcon-cryoden-whole": {"CRYODEN_MEMORY_BUDGET": "16G"},
     "falcon-cryoden-8g": {"CRYODEN_MEMORY_BUDGET": "8G"},
+    "falcon-tiles-8g": {"CRYODEN_MEMORY_BUDGET": "8G", "CRYODEN_BENCH_TILES": "1"},
     "k3-cryoden-8g": {"CRYODEN_MEMORY_BUDGET": "8G"},
 }
 # Cases run only on request (--measure-large); otherwise estimated from the plan (estimate()).
@@ -334,7 +345,8 @@ def table(work: Path) -> str:
                 diff, rel = f"{d:.3g} ({ref})", f"{d / r['input_std']:.2g}"
             tiles = f"{patch}+{padding}" if patch else "auto"
             if "tiles" in r and not patch:
-                tiles = "whole" if r["tiles"] == 1 else f"auto: {r['tiles']}"
+                tiles = "whole" if r["tiles"] == 1 else f"auto: {r['tiles']} tiles"
+                tiles = "level-wise" if r.get("path") == "levelwise" else tiles
             budget = CASE_ENV.get(tag, {}).get("CRYODEN_MEMORY_BUDGET")
             tiles += f" (budget {budget})" if budget else ""
             pct = f"{100 * executed / peak:.0f}%" if peak else ""
