@@ -244,10 +244,10 @@ class Runner:
             text += "whole image unpadded (--topaz-compat)"
             n, per_call = 1, 1
         else:
-            _, tiles, per_call = den.plan(shape, a.patch_size, a.padding, a.batch_size)
-            n = len(tiles)
-            size = "x".join(map(str, tile_shape(tiles)))
-            text += "whole image" if n == 1 else f"{n} tiles of {size}"
+            plan = den.plan(shape, a.patch_size, a.padding, a.batch_size)
+            n, per_call = len(plan.tiles), plan.per_call
+            size = "x".join(map(str, tile_shape(plan.tiles)))
+            text += "whole image" if n == 1 else f"{n} tiles of {size}, work x{plan.work:.2f}"
         if kind == "stack":
             return text + " per slice", len(data), "slice"
         steps = -(-n // per_call) * len(models)  # kernel calls over all models

@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cryoden import filters, levelwise, tiling, weights
+from cryoden import filters, levelwise, memory, tiling, weights
 from cryoden.models import ModelSpec, build_model
 
 DEFAULT_MODEL = {2: "unet", 3: "unet-3d"}
@@ -40,11 +40,6 @@ DEFAULT_MODEL = {2: "unet", 3: "unet-3d"}
 # leaves a mean seam error of ~0.05% of the output std (32: 0.6%, 16: 1.7%), against 14% for
 # Topaz's 96 + 48 tiles: see docs/benchmarks.md.
 DEFAULT_PADDING_3D = 48
-# XLA temporaries per pixel of the forward (compiled.memory_analysis()), plus input and output:
-# 644 B/px for every 2D U-net and for 3D on accelerators; on CPU the 3D convs run as sums of 2D
-# convs over depth slices, side by side (cryoden.conv), which needs ~2460 B/voxel.
-BYTES_PER_PIXEL = {"unet": 660, "unet-small": 660, "fcnn": 530, "affine": 16}
-BYTES_PER_VOXEL_3D_CPU = 2500
 
 
 @dataclasses.dataclass
@@ -56,6 +51,38 @@ class _Net:
     params: Any
     kernel: Callable
     traces: list  # one entry per trace of the kernel (a compile per new tile shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How an image of ``shape`` runs: zero-padded to ``padded`` (stride multiples), cut into
+    ``tiles`` (all of one shape, margins included), ``per_call`` tiles per kernel call (all
+    devices together). ``predicted_bytes``: bytes per device of one call by the model's
+    measured memory (:mod:`cryoden.memory`), None when the tile size was given.
+
+    Unpacks as the 3-tuple ``padded, tiles, per_call``."""
+
+    shape: tuple[int, ...]
+    padded: tuple[int, ...]
+    tiles: list[tiling.Tile]
+    per_call: int
+    predicted_bytes: int | None = None
+
+    @property
+    def tile(self) -> tuple[int, ...]:
+        """Shape of every tile, margins included."""
+        return tiling.tile_shape(self.tiles)
+
+    @property
+    def work(self) -> float:
+        """Pixels computed (tiles with margins) per image pixel: 1.0 is one whole pass."""
+        return tiling.work(self.shape, self.tiles)
+
+    def __iter__(self):
+        return iter((self.padded, self.tiles, self.per_call))
+
+    def __getitem__(self, i):
+        return (self.padded, self.tiles, self.per_call)[i]
 
 
 def memory_budget(device: jax.Device) -> int:
@@ -158,8 +185,9 @@ class Denoiser:
         """Denoise ``x: (H, W)`` (2D) or ``(D, H, W)`` (3D) -> float32 of the same shape.
 
         patch_size: kept core of each tile in px (tile = core + 2 * padding, rounded up to the
-        stride); None chooses the largest tile the memory budget allows (the whole image when
-        it fits). padding: margin per tile side; None is the receptive field in 2D (exact) and
+        stride); None chooses the tiles of least total work that fit the memory budget (the
+        whole image when it fits; :meth:`plan`). padding: margin per tile side; None is the
+        receptive field in 2D (exact) and
         ``DEFAULT_PADDING_3D`` in 3D. batch_size: tiles per device per call (default 1).
         lowpass: hard low-pass binning factor applied first; gaussian: sigma in px, applied to
         the normalised input in 2D and to the output in 3D (Topaz's conventions).
@@ -209,8 +237,17 @@ class Denoiser:
         patch_size: int | None,
         padding: int | None,
         batch_size: int | None = None,
-    ) -> tuple[tuple[int, ...], list[tiling.Tile], int]:
-        """Tiles for an image of ``shape`` -> (padded shape, tiles, tiles per kernel call)."""
+    ) -> Plan:
+        """Tiles for an image of ``shape`` -> :class:`Plan` (unpacks as padded shape, tiles,
+        tiles per kernel call).
+
+        With ``patch_size`` None the tile shape is the one of least total work (tiles with
+        their margins, plus the measured per-call overhead, on all devices) whose kernel call
+        fits the memory budget (:func:`memory_budget`) by the models' measured memory
+        (:mod:`cryoden.memory`). A tile predicted within 10% of the budget, and every batch of
+        several tiles per device (the fit is at batch 1; batches take up to ~5% more per pixel),
+        is checked against XLA's memory analysis of that exact shape and shrunk until it fits.
+        """
         s = self.stride
         padded = tuple(tiling.round_up(n, s) for n in shape)
         margin = (
@@ -222,21 +259,47 @@ class Denoiser:
             raise ValueError(f"padding must be >= 0, got {margin}")
         n_dev = len(self.devices)
         per_dev = batch_size or 1
+        predicted = None
         if patch_size is not None:
             if patch_size < 1:
                 raise ValueError(f"patch_size must be >= 1, got {patch_size}")
             tile = (patch_size + 2 * margin,) * self.ndim
         else:
-            px_bytes = max(BYTES_PER_PIXEL[n.spec.arch] for n in self.nets)
-            if self.ndim == 3 and self.devices[0].platform == "cpu":
-                px_bytes = BYTES_PER_VOXEL_3D_CPU
-            if self.dtype.itemsize < 4:
-                px_bytes //= 2
-            budget_px = memory_budget(self.devices[0]) // (px_bytes * per_dev)
-            tile = tiling.auto_tile(padded, margin, s, budget_px, min_tiles=n_dev)
+            tile, predicted = self._least_work_tile(padded, margin, per_dev)
         tiles = tiling.plan(padded, tile, margin, s)
         per_call = n_dev * min(per_dev, -(-len(tiles) // n_dev))
-        return padded, tiles, per_call
+        return Plan(tuple(shape), padded, tiles, per_call, predicted)
+
+    def _least_work_tile(self, padded, margin, per_dev) -> tuple[tuple[int, ...], int]:
+        """Least-work tile within the memory budget -> (tile, predicted bytes per call)."""
+        platform = self.devices[0].platform
+        budget = memory_budget(self.devices[0])
+        fits = [memory.bytes_model(n.spec, self.dtype, platform) for n in self.nets]
+        overhead = max(memory.call_overhead(n.spec, self.dtype, platform) for n in self.nets)
+
+        def predict(tile):
+            return int(max(f + p * per_dev * math.prod(tile) for f, p in fits))
+
+        max_px = min((budget - f) / (p * per_dev) if p > 0 else math.inf for f, p in fits)
+        tile, measured = None, per_dev > 1  # the fit is at batch 1: check batches exactly
+        for _ in range(8):
+            prev = tile
+            tile = tiling.least_work_tile(
+                padded, margin, self.stride, max_px, len(self.devices), per_dev, overhead
+            )
+            if tile == prev:  # nothing smaller is possible
+                break
+            if not measured and predict(tile) <= 0.9 * budget:
+                return tile, predict(tile)
+            exact = max(
+                memory.kernel_bytes(n.spec, self.dtype, (per_dev, *tile), platform)
+                for n in self.nets
+            )
+            if exact <= budget:
+                return tile, exact
+            measured = True  # the fit was optimistic here: check every smaller tile exactly
+            max_px = math.prod(tile) * min(budget / exact, 0.99)
+        return tile, predict(tile)
 
     def uses_levelwise(self, spec, n_tiles, patch_size, padding, use_levelwise=None) -> bool:
         """Whether a model ``spec`` runs level by level when ``plan`` gives ``n_tiles``: U-nets

@@ -90,36 +90,67 @@ def tile_shape(tiles: list[Tile]) -> tuple[int, ...]:
     return tuple(s.stop - s.start for s in tiles[0].window)
 
 
-def auto_tile(
-    shape: tuple[int, ...], margin: int, stride: int, budget_px: int, min_tiles: int = 1
-) -> tuple[int, ...]:
-    """Largest tile (each side a multiple of ``stride``, capped by the image) of <= ``budget_px``.
-
-    The whole (padded) image when it fits and ``min_tiles`` is 1. Otherwise the tile side ``t``
-    is the largest for which ``prod(min(t, n_i))`` fits, so short axes (a thin tomogram's depth)
-    are kept whole and the long ones are cut. With ``min_tiles > 1`` (several devices), ``t``
-    shrinks until there are enough tiles to keep every device busy.
-    """
-    n = [int(v) for v in shape]
-    if math.prod(n) <= budget_px and min_tiles <= 1:
-        return tuple(n)
+def axis_options(n: int, margin: int, stride: int) -> list[tuple[int, int]]:
+    """``(tile, count)`` choices along an axis of padded length ``n``: for every reachable
+    number of windows, the smallest stride-multiple tile that needs no more (fewest pixels).
+    The whole axis (``(n, 1)``) is always one of them."""
+    best: dict[int, int] = {1: n}
     smallest = round_up(2 * margin + stride, stride)
+    for t in range(smallest, n, stride):
+        count = len(plan_axis(n, t, margin, stride).origins)
+        best[count] = min(best.get(count, t), t)
+    return sorted((t, c) for c, t in best.items())
 
-    def tile_of(t: int) -> tuple[int, ...]:
-        return tuple(min(t, v) for v in n)
 
-    t = smallest
-    while t + stride <= max(n) and math.prod(tile_of(t + stride)) <= budget_px:
-        t += stride
-    while (
-        min_tiles > 1
-        and t > smallest
-        and len(plan(tuple(n), tile_of(t), margin, stride)) < min_tiles
-    ):
-        t -= stride
-    return tile_of(t)
+def call_cost(
+    tile: tuple[int, ...], count: int, per_call: int, per_dev: int, overhead_px: float
+) -> float:
+    """Time of a plan in pixels of one device's work: calls x (its tiles' pixels + overhead).
+
+    ``count`` tiles go ``per_call`` at a time over the devices, ``per_dev`` to each."""
+    calls = -(-count // per_call)
+    return calls * (per_dev * math.prod(tile) + overhead_px)
+
+
+def least_work_tile(
+    shape: tuple[int, ...],
+    margin: int,
+    stride: int,
+    max_px: float,
+    n_dev: int = 1,
+    per_dev: int = 1,
+    overhead_px: float = 0.0,
+) -> tuple[int, ...]:
+    """Tile shape of least total cost for a padded image of ``shape`` -> ``tile``.
+
+    The cost is :func:`call_cost`: tiles (margins included) run ``per_dev`` per device and
+    call on ``n_dev`` devices, each call costing ``overhead_px`` pixels more. So with several
+    devices the plan prefers tile counts that keep them all busy, and an image slightly over
+    the budget is cut into the least overlapping tiles, not the largest that fit. Only tiles of
+    at most ``max_px`` pixels are allowed (the memory budget per tile); when none is, the
+    smallest possible tile is returned. Exhaustive over the per-axis options of
+    :func:`axis_options` (a few hundred per axis at most).
+    """
+    options = [np.array(axis_options(int(n), margin, stride)) for n in shape]
+    grids = np.meshgrid(*[o[:, 0] for o in options], indexing="ij")
+    counts = np.meshgrid(*[o[:, 1] for o in options], indexing="ij")
+    px = np.prod(np.stack(grids).astype(np.float64), axis=0).ravel()
+    count = np.prod(np.stack(counts).astype(np.float64), axis=0).ravel()
+    calls = np.ceil(count / (n_dev * per_dev))
+    cost = calls * (per_dev * px + overhead_px)
+    ok = np.flatnonzero(px <= max_px)
+    if ok.size == 0:  # nothing fits: the smallest tile
+        return tuple(int(o[0, 0]) for o in options)
+    # least cost, then fewest tiles, then the largest tile
+    i = ok[np.lexsort((-px[ok], count[ok], cost[ok]))[0]]
+    return tuple(int(g.ravel()[i]) for g in grids)
+
+
+def work(shape: tuple[int, ...], tiles: list[Tile]) -> float:
+    """Computed pixels (tiles with their margins) per image pixel: 1.0 = one whole pass."""
+    return len(tiles) * float(math.prod(tile_shape(tiles))) / float(math.prod(shape))
 
 
 def waste(shape: tuple[int, ...], tiles: list[Tile]) -> float:
-    """Computed pixels per output pixel (1.0 = no overlap)."""
-    return len(tiles) * float(np.prod(tile_shape(tiles))) / float(np.prod(shape))
+    """Computed pixels per output pixel (1.0 = no overlap): :func:`work`, former name."""
+    return work(shape, tiles)

@@ -11,6 +11,17 @@ Usage::
     python scripts/bench_infer.py --k2 fei-extended.mrc   # everything (2D, 3D, real K2): ~1.5 h
     python scripts/bench_infer.py --only 2d
     python scripts/bench_infer.py --only 3d --repeats 1
+    python scripts/bench_infer.py --only real                 # real sizes (below): ~1 h on 2 cores
+    python scripts/bench_infer.py --only real --small         # the same cases, tiny: a smoke test
+    CRYODEN_MEMORY_BUDGET=8G python scripts/bench_infer.py --case falcon-cryoden
+
+Real sizes (group ``real``): a Falcon 4096x4096 micrograph and a K3 5760x4092 one (synthetic),
+cryoden with the default memory budget and with 8 GiB (``falcon-tiles-8g``: ordinary tiles,
+never level-wise), Topaz at its defaults (1024 + 500
+tiles); tomograms of 200x512x512 (measured) and 300x928x960. The latter is measured where
+``--measure-large`` is given, else estimated from its plan's work and the rate measured on the
+200x512x512 one (marked "estimated"). Topaz's 3D defaults (96 + 48: 192³ tiles, ~59 s each
+on 2 cores) would take ~1.8 h and ~6.5 h on these tomograms: skipped, and said so.
 
 Results are cached in --work (default /tmp/cryoden-bench) so parts can run separately and the
 table is printed from everything measured so far (``--table``).
@@ -52,16 +63,22 @@ def synthetic_micrograph(shape=(2048, 2048), seed=0) -> np.ndarray:
 
 
 def synthetic_volume(shape=(128, 256, 256), seed=0) -> np.ndarray:
-    """Blobs and a membrane slab in Gaussian noise (input std ~1.5): (D, H, W) float32."""
+    """Blobs and a membrane slab in Gaussian noise (input std ~1.5): (D, H, W) float32.
+
+    Each blob is drawn within 6 sigma of its centre (3e-8 of its peak beyond), so large
+    volumes are made in seconds."""
     rng = np.random.default_rng(seed)
     vol = np.zeros(shape, np.float32)
-    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
     for _ in range(60):
         c = rng.uniform(0, shape)
         r = rng.uniform(3, 9)
+        lo = [max(int(ci - 6 * r), 0) for ci in c]
+        hi = [min(int(ci + 6 * r) + 1, n) for ci, n in zip(c, shape, strict=True)]
+        z, y, x = np.ogrid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
         d2 = (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2
-        vol += np.exp(-0.5 * d2 / r**2).astype(np.float32)
-    vol += np.exp(-0.5 * ((y - 0.3 * x - 60) / 3.0) ** 2).astype(np.float32)
+        vol[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] += np.exp(-0.5 * d2 / r**2)
+    y, x = np.ogrid[: shape[1], : shape[2]]
+    vol += np.exp(-0.5 * ((y - 0.3 * x - 60) / 3.0) ** 2).astype(np.float32)[None]
     return vol + rng.normal(0, 1.5, shape).astype(np.float32)
 
 
@@ -77,7 +94,28 @@ def real_micrograph() -> np.ndarray:
         return np.asarray(m.data, np.float32)
 
 
-INPUTS = {"2d": synthetic_micrograph, "3d": synthetic_volume, "k2": real_micrograph}
+# Real sizes; with --small (env CRYODEN_BENCH_SMALL=1) tiny stand-ins of the same kinds.
+REAL_SHAPES = {
+    "falcon": ((4096, 4096), (512, 512)),
+    "k3": ((4092, 5760), (480, 736)),
+    "tomo200": ((200, 512, 512), (40, 96, 96)),
+    "tomo300": ((300, 928, 960), (48, 128, 128)),
+}
+
+
+def real_shape(name: str) -> tuple[int, ...]:
+    return REAL_SHAPES[name][os.environ.get("CRYODEN_BENCH_SMALL") == "1"]
+
+
+INPUTS = {
+    "2d": synthetic_micrograph,
+    "3d": synthetic_volume,
+    "k2": real_micrograph,
+    "falcon": lambda: synthetic_micrograph(real_shape("falcon")),
+    "k3": lambda: synthetic_micrograph(real_shape("k3")),
+    "tomo200": lambda: synthetic_volume(real_shape("tomo200")),
+    "tomo300": lambda: synthetic_volume(real_shape("tomo300")),
+}
 
 
 # ---------------------------------------------------------------------------- workers
@@ -97,6 +135,8 @@ def worker(args) -> None:
         kw = {}
         if args.patch is not None:
             kw = dict(patch_size=args.patch, padding=args.padding)
+        if os.environ.get("CRYODEN_BENCH_TILES") == "1":  # ordinary tiles, never level-wise
+            kw["levelwise"] = False
         t = time.perf_counter()
         y = d(x, **kw)  # first call includes compilation
         first = time.perf_counter() - t
@@ -104,7 +144,14 @@ def worker(args) -> None:
             t = time.perf_counter()
             y = d(x, **kw)
             times.append(time.perf_counter() - t)
-        extra = {"first_call_s": first, "tiles": len(d.plan(x.shape, args.patch, args.padding)[1])}
+        plan = d.plan(x.shape, args.patch, args.padding)
+        extra = {"first_call_s": first, "tiles": len(plan.tiles), "work": plan.work}
+        lw = getattr(d.nets[0], "levelwise", None)
+        if lw is not None:  # it ran level by level: its own work factor (FLOPs / one pass)
+            from cryoden.inference import memory_budget
+
+            budget = memory_budget(d.devices[0])
+            extra.update(path="levelwise", work=lw.work(lw.plan(plan.padded, budget)))
     else:
         import torch
 
@@ -182,7 +229,57 @@ CASES = {
         ("k2-cryoden", "k2", "cryoden", "unet", None, None, None, 3),
         ("k2-topaz-default", "k2", "topaz", "unet", 1024, 500, "k2-cryoden", 1),
     ],
+    "real": [
+        ("falcon-cryoden-whole", "falcon", "cryoden", "unet", None, None, None, 1),
+        ("falcon-cryoden", "falcon", "cryoden", "unet", None, None, "falcon-cryoden-whole", 1),
+        ("falcon-cryoden-8g", "falcon", "cryoden", "unet", None, None, "falcon-cryoden-whole", 1),
+        ("falcon-tiles-8g", "falcon", "cryoden", "unet", None, None, "falcon-cryoden-whole", 1),
+        ("falcon-topaz-default", "falcon", "topaz", "unet", 1024, 500, "falcon-cryoden", 1),
+        ("k3-cryoden", "k3", "cryoden", "unet", None, None, None, 1),
+        ("k3-cryoden-8g", "k3", "cryoden", "unet", None, None, "k3-cryoden", 1),
+        ("k3-topaz-default", "k3", "topaz", "unet", 1024, 500, "k3-cryoden", 1),
+        ("tomo200-cryoden", "tomo200", "cryoden", "unet-3d", None, None, None, 1),
+        ("tomo300-cryoden", "tomo300", "cryoden", "unet-3d", None, None, None, 1),
+    ],
 }
+# Memory budget per case (env CRYODEN_MEMORY_BUDGET); "whole" is one tile on a 24 GB machine.
+CASE_ENV = {
+    "falcon-cryoden-whole": {"CRYODEN_MEMORY_BUDGET": "16G"},
+    "falcon-cryoden-8g": {"CRYODEN_MEMORY_BUDGET": "8G"},
+    "falcon-tiles-8g": {"CRYODEN_MEMORY_BUDGET": "8G", "CRYODEN_BENCH_TILES": "1"},
+    "k3-cryoden-8g": {"CRYODEN_MEMORY_BUDGET": "8G"},
+}
+# Cases run only on request (--measure-large); otherwise estimated from the plan (estimate()).
+ESTIMATED = {"tomo300-cryoden": "tomo200-cryoden"}
+SKIPPED = {  # Topaz 96 + 48: 192³ tiles, ~59 s each on 2 cores (18 in 1061 s, table above)
+    "tomo200-topaz-default": "96+48 is 108 tiles of 192³, ~1.8 h",
+    "tomo300-topaz-default": "96+48 is 400 tiles of 192³, ~6.5 h",
+}
+
+
+def estimate(case, results: dict) -> dict:
+    """Seconds of ``case`` from its plan's work and the voxel rate of the measured case it
+    stands for (``ESTIMATED``): rate = image voxels x work / seconds there."""
+    import math
+
+    from cryoden.inference import Denoiser
+
+    tag, inp, _, model, patch, padding, _, _ = case
+    base = results.get(ESTIMATED[tag])
+    if not base:
+        raise SystemExit(f"{tag}: run {ESTIMATED[tag]} first (its rate gives the estimate)")
+    shape = real_shape(inp)
+    plan = Denoiser(model, ndim=len(shape)).plan(shape, patch, padding)
+    rate = math.prod(base["shape"]) * base["work"] / float(np.median(base["times"]))
+    seconds = math.prod(shape) * plan.work / rate
+    return {
+        "times": [seconds],
+        "estimated": f"from {ESTIMATED[tag]}'s rate",
+        "maxrss": float("nan"),
+        "tiles": len(plan.tiles),
+        "work": plan.work,
+        "shape": list(shape),
+    }
 
 
 def run_case(case, work: Path, repeats: int) -> dict:
@@ -207,7 +304,8 @@ def run_case(case, work: Path, repeats: int) -> dict:
     if patch is not None:
         cmd += ["--patch", str(patch), "--padding", str(padding)]
     print(f"# {tag}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, **CASE_ENV.get(tag, {})}
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if res.returncode:
         raise SystemExit(f"{tag} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -221,9 +319,11 @@ def table(work: Path) -> str:
         "useful = the literal U-net's FLOPs (what Topaz executes) / time; executed = the FLOPs "
         "this implementation runs (cryoden: polyphase decoders) / time, as % of the matmul peak",
         "",
+        "work = pixels computed (tiles with their margins) / image pixels, from the plan",
+        "",
         "| case | impl | tiles | median s (n) | vs cryoden | useful GFLOP/s | executed % peak "
-        "| peak RSS GiB | max abs diff (vs) | diff / input std |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS GiB | max abs diff (vs) | diff / input std | work |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fpp = {}
     for group in CASES.values():
@@ -243,13 +343,22 @@ def table(work: Path) -> str:
             if ref and ref in results:
                 d = np.abs(np.load(r["out"]) - np.load(results[ref]["out"])).max()
                 diff, rel = f"{d:.3g} ({ref})", f"{d / r['input_std']:.2g}"
-            tiles = f"{patch}+{padding}" if patch else "whole"
+            tiles = f"{patch}+{padding}" if patch else "auto"
+            if "tiles" in r and not patch:
+                tiles = "whole" if r["tiles"] == 1 else f"auto: {r['tiles']} tiles"
+                tiles = "level-wise" if r.get("path") == "levelwise" else tiles
+            budget = CASE_ENV.get(tag, {}).get("CRYODEN_MEMORY_BUDGET")
+            tiles += f" (budget {budget})" if budget else ""
             pct = f"{100 * executed / peak:.0f}%" if peak else ""
-            rss = r["maxrss"] / 2**30
+            rss = f"{r['maxrss'] / 2**30:.2f}" if r["maxrss"] == r["maxrss"] else ""
+            n = "estimated" if r.get("estimated") else len(r["times"])
+            work = f"{r['work']:.2f}" if "work" in r else ""
             lines.append(
-                f"| {tag} | {impl} {model} | {tiles} | {med:.2f} ({len(r['times'])}) | "
-                f"{ratio:.2f}x | {gflops:.1f} | {pct} | {rss:.2f} | {diff} | {rel} |"
+                f"| {tag} | {impl} {model} | {tiles} | {med:.2f} ({n}) | "
+                f"{ratio:.2f}x | {gflops:.1f} | {pct} | {rss} | {diff} | {rel} | {work} |"
             )
+    for tag, why in SKIPPED.items() if any(t in results for t, *_ in CASES["real"]) else ():
+        lines.append(f"| {tag} | topaz | 96+48 | skipped: {why} | | | | | | | |")
     return "\n".join(lines)
 
 
@@ -261,6 +370,14 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/cryoden-bench")
     p.add_argument("--k2", metavar="MRC", help="full-size real micrograph for the k2 cases")
     p.add_argument("--table", action="store_true", help="only print the table of cached results")
+    p.add_argument(
+        "--small", action="store_true", help="tiny stand-ins for the real-size cases (smoke test)"
+    )
+    p.add_argument(
+        "--measure-large",
+        action="store_true",
+        help="measure the 300x928x960 tomogram instead of estimating it from the plan",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--input"), p.add_argument("--impl"), p.add_argument("--model")
     (
@@ -269,6 +386,8 @@ def main() -> None:
         p.add_argument("--padding", type=int),
     )
     args = p.parse_args()
+    if args.small:
+        os.environ["CRYODEN_BENCH_SMALL"] = "1"
     if args.k2:
         os.environ["CRYODEN_BENCH_K2"] = str(Path(args.k2).resolve())
     work = Path(args.work)
@@ -287,9 +406,14 @@ def main() -> None:
                     print(f"# {case[0]}: skipped (no --k2 micrograph given)", file=sys.stderr)
                     continue
                 tag, inp, model = case[0], case[1], case[3]
-                r = run_case(case, work, args.repeats or case[-1])
-                x = INPUTS[inp]()
-                r.update(flops=flops_per_pixel(model) * x.size, input_std=float(x.std()))
+                if tag in ESTIMATED and not args.measure_large:
+                    r = estimate(case, results)
+                    r.update(flops=flops_per_pixel(model) * float(np.prod(r["shape"])))
+                else:
+                    r = run_case(case, work, args.repeats or case[-1])
+                    x = INPUTS[inp]()
+                    r.update(flops=flops_per_pixel(model) * x.size, input_std=float(x.std()))
+                    r.update(shape=list(x.shape))
                 results[tag] = r
                 store.write_text(json.dumps(results, indent=1))
     print(table(work))

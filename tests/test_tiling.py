@@ -43,10 +43,25 @@ def test_plan_covers_every_pixel_once():
     assert (count == 1).all()
 
 
-def test_auto_tile_whole_when_it_fits_and_cuts_long_axes_first():
-    assert tiling.auto_tile((512, 512), 164, 32, 10**6) == (512, 512)
-    t = tiling.auto_tile((64, 1024, 1024), 32, 32, 64 * 256 * 256)
-    assert t[0] == 64 and t[1] == t[2] and 64 * t[1] * t[2] <= 64 * 256 * 256
+def test_least_work_tile_whole_when_it_fits_and_cuts_long_axes_first():
+    assert tiling.least_work_tile((512, 512), 164, 32, 10**6) == (512, 512)
+    t = tiling.least_work_tile((64, 1024, 1024), 32, 32, 64 * 256 * 256)
+    assert t[0] == 64 and 64 * t[1] * t[2] <= 64 * 256 * 256
+
+
+def test_axis_options_are_the_smallest_tile_per_count():
+    n, margin, stride = 4096, 164, 32
+    options = tiling.axis_options(n, margin, stride)
+    assert options[-1] == (n, 1)
+    for t, count in options:
+        assert len(tiling.plan_axis(n, t, margin, stride).origins) == count
+        if t - stride >= 2 * margin + stride:  # one stride less needs more windows
+            assert len(tiling.plan_axis(n, t - stride, margin, stride).origins) > count
+
+
+def test_work_counts_margins_and_padding():
+    tiles = tiling.plan((96, 160), (64, 96), 16, 32)
+    assert tiling.work((90, 150), tiles) == len(tiles) * 64 * 96 / (90 * 150)
 
 
 @pytest.mark.parametrize(
