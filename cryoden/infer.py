@@ -247,7 +247,13 @@ class Runner:
             plan = den.plan(shape, a.patch_size, a.padding, a.batch_size)
             n, per_call = len(plan.tiles), plan.per_call
             size = "x".join(map(str, tile_shape(plan.tiles)))
-            text += "whole image" if n == 1 else f"{n} tiles of {size}, work x{plan.work:.2f}"
+            if all(
+                den.uses_levelwise(net.spec, n, a.patch_size, a.padding) for net in den.nets
+            ):  # stage tiles are planned when the run starts: no step count to show yet
+                text += "level by level (exact; stages planned from the memory budget)"
+                n, per_call = 1, 1
+            else:
+                text += "whole image" if n == 1 else f"{n} tiles of {size}, work x{plan.work:.2f}"
         if kind == "stack":
             return text + " per slice", len(data), "slice"
         steps = -(-n // per_call) * len(models)  # kernel calls over all models

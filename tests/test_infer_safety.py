@@ -552,3 +552,23 @@ def test_help_is_plain_text_with_defaults(capsys):
     for action in parser._actions:
         if action.option_strings and action.dest != "help" and action.dest != "output":
             assert "default" in action.help, action.dest
+
+
+def test_levelwise_run_is_named_and_equals_the_whole_image(tmp_path, capsys, monkeypatch):
+    """A U-net image over the budget runs level by level: the line says so (not an ordinary
+    tile count), and the output equals the whole-image output."""
+    m = random_model(tmp_path / "small.npz", ModelSpec("unet-small", 2, 3, 3))
+    x = image(tmp_path / "a.mrc", (203, 157))
+    monkeypatch.setenv("CRYODEN_MEMORY_BUDGET", "12M")
+    den = cryoden.inference.Denoiser(m)
+    plan = den.plan((208, 160), None, None)
+    assert den.uses_levelwise(den.nets[0].spec, len(plan.tiles), None, None)
+    assert run(x, "-o", tmp_path / "out", "-m", m) == 0
+    line = info_lines(capsys.readouterr().err)[0]
+    assert line.endswith((
+        f"model {m}, level by level (exact; stages planned from the memory budget)"
+    )
+    monkeypatch.delenv("CRYODEN_MEMORY_BUDGET")
+    whole = cryoden.denoise(mrcfile.read(x), m)
+    with mrcfile.open(tmp_path / "out" / "a.mrc") as f:
+        np.testing.assert_allclose(f.data, whole, atol=1e-5 * float(np.std(mrcfile.read(x))))
