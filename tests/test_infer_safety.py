@@ -565,9 +565,8 @@ def test_levelwise_run_is_named_and_equals_the_whole_image(tmp_path, capsys, mon
     assert den.uses_levelwise(den.nets[0].spec, len(plan.tiles), None, None)
     assert run(x, "-o", tmp_path / "out", "-m", m) == 0
     line = info_lines(capsys.readouterr().err)[0]
-    assert line.endswith((
-        f"model {m}, level by level (exact; stages planned from the memory budget)"
-    )
+    want = f"model {m}, level by level (exact; stages planned from the memory budget)"
+    assert line.endswith(want)
     monkeypatch.delenv("CRYODEN_MEMORY_BUDGET")
     whole = cryoden.denoise(mrcfile.read(x), m)
     with mrcfile.open(tmp_path / "out" / "a.mrc") as f:
