@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cryoden import tiling
+from cryoden.memory import compiled_bytes
 from cryoden.models import NF, ConvBlock, ModelSpec, build_model, max_pool2
 
 # Per-call cost, in output-grid units of volume, added to each tile when comparing plans
@@ -245,7 +246,7 @@ class Levelwise:
             tile = tuple(min(n, tiling.round_up(side, stage.align)) for n in grid)
             c = self.compiled(stage, tile)
             # memory and cost analyses are per device, i.e. per tile
-            _MEASURED[key] = (_bytes(c) / math.prod(tile), _flops(c) / math.prod(tile))
+            _MEASURED[key] = (compiled_bytes(c) / math.prod(tile), _flops(c) / math.prod(tile))
         return _MEASURED[key]
 
     def whole_flops_per_px(self) -> float:
@@ -286,13 +287,13 @@ class Levelwise:
                     for t, n in zip(tiles[st.name], grid, strict=True)
                 )
                 c = self.compiled(st, tile)
-                bpu, fpu = _bytes(c) / math.prod(tile), _flops(c) / math.prod(tile)
+                bpu, fpu = compiled_bytes(c) / math.prod(tile), _flops(c) / math.prod(tile)
             else:
                 bpu, fpu = self._per_unit(st, grid)
                 tile = _best_tile(grid, halo, st.align, budget / bpu, self.n_dev)
                 if verify:
                     tile = self._fit(st, grid, tile, budget)
-                    bpu = _bytes(self.compiled(st, tile)) / math.prod(tile)
+                    bpu = compiled_bytes(self.compiled(st, tile)) / math.prod(tile)
             tl = tuple(tiling.plan(grid, tile, halo, st.align))
             flops = -(-len(tl) // self.n_dev) * self.n_dev * math.prod(tile) * fpu
             plans.append(
@@ -309,7 +310,7 @@ class Levelwise:
             if tile in tried:
                 break
             tried.add(tile)
-            used = _bytes(self.compiled(st, tile))
+            used = compiled_bytes(self.compiled(st, tile))
             if used <= budget:
                 work = _work(grid, tile, halo, st.align, self.n_dev)
                 if best is None or work < best[0]:
@@ -388,11 +389,6 @@ def _scale_shape(shape, e: int) -> tuple[int, ...]:
 def _scale_window(window, e: int) -> tuple[slice, ...]:
     f = functools.partial(lambda v: v << e if e >= 0 else v >> -e)
     return tuple(slice(f(s.start), f(s.stop)) for s in window)
-
-
-def _bytes(compiled) -> float:
-    m = compiled.memory_analysis()
-    return float(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
 
 
 def _flops(compiled) -> float:

@@ -15,17 +15,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import stat
 from pathlib import Path
 
 OUT_EXT = {"mrc": ".mrc", "tiff": ".tif", "png": ".png"}
-_TYPES = {
-    stat.S_IFIFO: "a FIFO (named pipe)",
-    stat.S_IFSOCK: "a socket",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFDIR: "a directory",
-}
 
 
 @dataclasses.dataclass
@@ -76,6 +68,8 @@ def output_path(src: Path, outdir: Path, fmt: str, suffix: str) -> Path:
 def plan(inputs: list[str], outdir: Path, fmt: str, suffix: str, skip_existing: bool) -> list[Job]:
     """One Job per input file (directories expanded); a path named twice (say, alone and in
     its folder) gives one Job."""
+    from cryoden import io
+
     jobs, seen = [], set()
     for src, problem in expand(inputs):
         entry = _entry(src)
@@ -87,12 +81,12 @@ def plan(inputs: list[str], outdir: Path, fmt: str, suffix: str, skip_existing: 
         if problem:
             continue
         try:
-            st = os.stat(src)
+            io.check_regular_file(src)
         except OSError as e:
             job.problem = e.strerror or str(e)
             continue
-        if not stat.S_ISREG(st.st_mode):
-            job.problem = f"not a regular file but {_TYPES.get(stat.S_IFMT(st.st_mode), 'special')}"
+        except ValueError as e:  # a FIFO, device or folder: opening it could block
+            job.problem = str(e)
             continue
         try:
             job.out = output_path(src, outdir, fmt, suffix)

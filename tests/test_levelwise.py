@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from cryoden import levelwise, tiling
+from cryoden import levelwise, memory, tiling
 from cryoden.inference import Denoiser
 
 
@@ -100,7 +100,7 @@ def test_denoiser_runs_levelwise_when_tiled_and_is_exact(monkeypatch):
     plan = lw.plan((208, 160), 8 * 2**20)
     assert sum(len(p.tiles) for p in plan.stages) > 3
     for sp in plan.stages:
-        assert levelwise._bytes(lw.compiled(sp.stage, sp.tile)) <= 8 * 2**20
+        assert memory.compiled_bytes(lw.compiled(sp.stage, sp.tile)) <= 8 * 2**20
     assert np.abs(tiled - whole).max() <= 1e-5 * x.std()
     forced = d(x, normalize=True, levelwise=True)
     assert np.abs(forced - whole).max() <= 1e-5 * x.std()
