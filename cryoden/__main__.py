@@ -34,6 +34,7 @@ COMMANDS = {
         "train a denoiser on even/odd halves of micrographs or tomograms",
     ),
     "convert": ("cryoden.convert", "convert Topaz/PyTorch weights (.sav, .pt) to cryoden's format"),
+    "relion": ("cryoden.relion", "RELION External jobs: denoise, train, tomo-denoise, tomo-train"),
 }
 
 _ROLE = re.compile(r":(?:mod|func|class|meth|attr|data|obj|exc):`~?([^`]+)`")
