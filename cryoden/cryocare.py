@@ -315,6 +315,9 @@ def _predict(conf_path: Path) -> int:
     out_dir = Path(c.get("output"))
     overwrite = c.flag("overwrite")
     c.gpu()
+    from cryoden import runtime
+
+    runtime.setup(cache=True)  # after gpu_id: JAX starts here
     with tempfile.TemporaryDirectory(prefix="cryoden-cryocare-") as tmp:
         model = _model_file(c, Path(tmp))
         try:

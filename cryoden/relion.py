@@ -160,8 +160,10 @@ def _denoise_files(ns, job, items: list[tuple[str, Path]], ndim: int, kind_word:
     """Denoise every ``(input, output)`` whose output does not exist yet; -> failed inputs.
 
     One line per file; a failing file does not stop the others."""
-    from cryoden import io, outputs, weights
+    from cryoden import io, outputs, runtime, weights
     from cryoden.inference import DEFAULT_MODEL, Denoiser
+
+    runtime.setup(cache=True)  # compiled kernels kept on disk for the next job
 
     models = ns.model or [DEFAULT_MODEL[ndim]]
     for m in models:
