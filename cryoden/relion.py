@@ -53,11 +53,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def job_parser(job: str) -> argparse.ArgumentParser:
     """The options of ``cryoden relion JOB`` (RELION's External-job arguments plus ours)."""
-    p = argparse.ArgumentParser(prog=f"cryoden relion {job}", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog=f"cryoden relion {job}", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     p.add_argument("--o", required=True, metavar="JOBDIR", help="job folder (RELION gives it)")
     for name in INPUTS:
         used = name in USES[job]
-        p.add_argument(f"--{name}", metavar="FILE", help=None if used else argparse.SUPPRESS)
+        what = "tomograms.star" if job.startswith("tomo") else "micrographs STAR file"
+        p.add_argument(f"--{name}", metavar="FILE", help=what if used else argparse.SUPPRESS)
     p.add_argument(
         "--j",
         type=int,
