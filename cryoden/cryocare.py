@@ -171,7 +171,7 @@ def extract_train_data(argv: list[str] | None = None) -> int:
 
 
 def _extract(conf_path: Path) -> int:
-    from cryoden.train import pairs
+    from cryoden.train import config, pairs
 
     c = Conf(conf_path, "extract")
     evens, odds = c.halves()
@@ -187,6 +187,11 @@ def _extract(conf_path: Path) -> int:
     out = Path(c.get("path"))
     found = pairs.find_pairs([Path(e) for e in evens], [Path(o) for o in odds])
     crop = min(shape)
+    stride = config.ModelConfig(**config.arch_fields("unet-3d")).spec.stride
+    if crop < stride:
+        raise c.bad(
+            "patch_shape", f"= {shape!r}: the 3D U-net needs sub-volumes of {stride} or more"
+        )
     pairs.check_crop(found, crop, 3)
     record = out / RECORD
     if record.exists() and not c.flag("overwrite"):

@@ -186,6 +186,14 @@ def test_bad_train_conf_is_one_line(project, monkeypatch, capsys, change, proble
     assert not Path("Denoise/job007/denoising_model.tar.gz").exists()
 
 
+def test_extract_refuses_subvolumes_below_the_network_stride(project, capsys):
+    conf = json.loads(Path(_train_data_config()).read_text())
+    conf["patch_shape"] = [16, 16, 16]  # would fail deep inside the first training step
+    assert cryocare.extract_train_data(["--conf", _conf("small.json", conf)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(err) == 1 and "'patch_shape'" in err[0] and "small.json" in err[0]
+
+
 def test_extract_refuses_mismatched_halves(project, capsys):
     new_mrc("small.mrc", np.zeros((32, 32, 16), np.float32))
     conf = json.loads(Path(_train_data_config()).read_text())
