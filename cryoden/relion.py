@@ -43,7 +43,7 @@ USES = {
     "tomo-denoise": {"in_tomograms", "in_mics"},
     "tomo-train": {"in_tomograms", "in_mics"},
 }
-TRAIN_FLAGS = ("config", "epochs", "steps", "crop", "batch_size", "init", "lr", "holdout")
+TRAIN_FLAGS = ("config", "arch", "epochs", "steps", "crop", "batch_size", "init", "lr", "holdout")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +86,7 @@ def job_parser(job: str) -> argparse.ArgumentParser:
         )
     if job in ("train", "tomo-train"):
         p.add_argument("--config", help="cryoden train preset or JSON file")
+        p.add_argument("--arch", help="network architecture (cryoden train --arch)")
         p.add_argument("--epochs", type=int)
         p.add_argument("--steps", type=int)
         p.add_argument("--crop", type=int)

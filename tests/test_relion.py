@@ -244,3 +244,23 @@ def test_link_halves_pairs_in_order_and_checks_real_files(tmp_path):
     new_mrc(tmp_path / "small.mrc", np.zeros((16, 16), np.float32))
     with pytest.raises(ValueError, match="small.mrc"):
         relionjob.link_halves([str(files[0])], [str(tmp_path / "small.mrc")], tmp_path / "m")
+
+
+def test_train_job_trains_a_model_that_denoise_uses(project):
+    """The real training (tiny preset, 2 steps) behind ``cryoden relion train``, then its model
+    in ``cryoden relion denoise``: the chain a RELION user runs."""
+    rng = np.random.default_rng(2)
+    for folder in ("A", "B"):
+        clean = rng.normal(size=(64, 64)).astype(np.float32)
+        for half in ("EVN", "ODD"):
+            noisy = clean + rng.normal(size=clean.shape).astype(np.float32)
+            new_mrc(f"MotionCorr/job002/{folder}/mic_{half}.mrc", noisy, voxel_size=0.885)
+    star_in = "MotionCorr/job002/corrected_micrographs.star"
+    train = ["--o", "External/job004/", "--in_mics", star_in, "--config", "train-2d-test"]
+    train += ["--arch", "affine"]  # compiles in a moment
+    assert _relion("train", *train, "--steps", "2", "--crop", "32", "--j", "1") == 0
+    model = project / "External/job004/model/model.npz"
+    assert model.is_file() and (project / "External/job004/RELION_JOB_EXIT_SUCCESS").exists()
+    job = ["--o", "External/job005/", "--in_mics", star_in, "--model", "External/job004/model"]
+    assert _relion("denoise", *job) == 0
+    assert Path("External/job005/MotionCorr/job002/B/mic.mrc").is_file()
