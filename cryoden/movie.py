@@ -39,7 +39,10 @@ Every error is a :class:`MovieError` with a one-line message that starts with th
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +145,27 @@ class _MrcFrames:
             self._fd = -1
 
 
+def _check_page_chain(tif: tifffile.TiffFile) -> None:
+    """Refuse a TIFF whose chain of pages does not end (tifffile stops, with a warning, at an
+    IFD beyond the end of a truncated file: the movie would silently lose its last frames)."""
+    fmt, fh = tif.tiff, tif.filehandle
+    last = tif.pages[len(tif.pages) - 1].offset
+    fh.seek(last)
+    raw = fh.read(fmt.tagnosize)
+    nxt = None
+    if len(raw) == fmt.tagnosize:
+        (count,) = struct.unpack(fmt.tagnoformat, raw)
+        fh.seek(last + fmt.tagnosize + count * fmt.tagsize)
+        raw = fh.read(fmt.offsetsize)
+        if len(raw) == fmt.offsetsize:
+            (nxt,) = struct.unpack(fmt.offsetformat, raw)
+    if nxt != 0:
+        raise ValueError(
+            f"file is truncated or corrupt: the TIFF's page list breaks off after "
+            f"{len(tif.pages)} pages"
+        )
+
+
 class _TiffFrames:
     """Pages of a multi-page TIFF, decoded one at a time and flipped upside down (RELION)."""
 
@@ -169,6 +193,7 @@ class _TiffFrames:
         if len(first.shape) != 2:
             raise ValueError(f"TIFF pages are not single-channel images (shape {first.shape})")
         io._check_tiff(tif, tif.series)
+        _check_page_chain(tif)
         self.shape, self.dtype, self.n_raw = tuple(first.shape), np.dtype(first.dtype), len(pages)
         size = tif.filehandle.size
         for k, p in enumerate(self._pages):
@@ -212,13 +237,12 @@ class _EerFrames:
 
     def _open(self, upsampling: int) -> None:
         pages = self._tif.pages
-        pages.useframes = True
-        pages.set_keyframe(0)
+        pages.useframes = False  # every page parsed: each frame's size is checked
         first = pages.first
         start = 0
         if first.compression == tifffile.COMPRESSION.NONE and len(pages) > 1:
             start = 1  # TIA can write an integrated image first (tifffile's 'integrated')
-            first = pages[1].aspage()
+            first = pages[1]
         if first.compression == 65002:
             tags = first.tags
             self._bits = tuple(
@@ -235,45 +259,39 @@ class _EerFrames:
         self.detector_shape = (int(first.imagelength), int(first.imagewidth))
         self.shape = (self.detector_shape[0] * upsampling, self.detector_shape[1] * upsampling)
         self._frames = [(k, pages[k]) for k in range(start, len(pages))]
+        _check_page_chain(self._tif)
         size = self._tif.filehandle.size
         self._segments = []
         for k, p in self._frames:
             if (int(p.imagelength), int(p.imagewidth)) != self.detector_shape:
                 raise ValueError(f"EER frame {k} is {p.shape}, not {self.detector_shape}")
-            rows = int(p.rowsperstrip) if p.rowsperstrip else self.detector_shape[0]
             segs = list(zip(p.dataoffsets, p.databytecounts, strict=True))
             end = max((o + n for o, n in segs), default=0)
             if end > size or not segs:
                 raise ValueError(
                     f"file is truncated: EER frame {k} claims bytes up to {end}, file has {size}"
                 )
-            self._segments.append((segs, min(rows, self.detector_shape[0])))
+            self._segments.append(segs)
         self.n_raw = len(self._frames)
         self.pixel_size = None
         self.dtype = np.dtype(np.uint16)
 
     def add(self, i: int, out: np.ndarray) -> None:
-        """Add the events of raw frame ``i`` into ``out``, ``(H, W)`` uint16 (rendered grid)."""
-        segs, rows = self._segments[i]
+        """Add the events of raw frame ``i`` into ``out``, ``(H, W)`` uint16 (rendered grid).
+
+        A frame's strips are one bit stream (as RELION reads them), decoded as a whole.
+        """
         fh = self._tif.filehandle
-        row = 0
-        up = self._superres + 1
-        for offset, count in segs:
-            n = min(rows, self.detector_shape[0] - row)
+        parts = []
+        for offset, count in self._segments[i]:
             fh.seek(offset)
-            data = fh.read(count)
-            if len(data) < count:
-                raise ValueError(f"file is truncated: EER frame {i} is cut short")
-            if len(data) % 2:  # the decoder reads 16-bit words
-                data += b"\0"
-            self._decode(
-                data,
-                (n * up, self.shape[1]),
-                *self._bits,
-                superres=self._superres,
-                out=out[row * up : (row + n) * up],
-            )
-            row += n
+            parts.append(fh.read(count))
+        data = b"".join(parts)
+        if len(data) < sum(n for _, n in self._segments[i]):
+            raise ValueError(f"file is truncated: EER frame {i} is cut short")
+        if len(data) % 2:  # the decoder reads 16-bit words
+            data += b"\0"
+        self._decode(data, self.shape, *self._bits, superres=self._superres, out=out)
 
     def close(self) -> None:
         self._tif.close()
@@ -345,12 +363,26 @@ class Movie:
         self._src.close()
 
 
+@contextlib.contextmanager
+def _quiet_tifffile():
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.ERROR + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _error(path: Path, e) -> MovieError:
+    """A one-line MovieError ``"{path}: <problem>"`` from an exception or a message."""
     if isinstance(e, OSError) and e.strerror:
         msg = e.strerror
     else:
         msg = str(e)
     msg = " ".join(msg.split()).removeprefix(f"{path}: ")
+    if isinstance(e, tifffile.TiffFileError):
+        msg = f"file is truncated or corrupt (TIFF structure: {msg})"
     return MovieError(f"{path}: {msg}")
 
 
@@ -394,11 +426,12 @@ def open_movie(
         if fmt == "mrc" and is_tiff or fmt != "mrc" and not is_tiff:
             found = "TIFF" if is_tiff else "MRC" if head[208:211] == b"MAP" else "unknown"
             raise ValueError(f"file content is {found}, but the extension says {fmt.upper()}")
-        src = {
-            "mrc": lambda: _MrcFrames(path),
-            "tiff": lambda: _TiffFrames(path),
-            "eer": lambda: _EerFrames(path, eer_upsampling),
-        }[fmt]()
+        with _quiet_tifffile():  # its warnings about broken files become our one-line errors
+            src = {
+                "mrc": lambda: _MrcFrames(path),
+                "tiff": lambda: _TiffFrames(path),
+                "eer": lambda: _EerFrames(path, eer_upsampling),
+            }[fmt]()
     except MovieError:
         raise
     except (ValueError, OSError, tifffile.TiffFileError) as e:
