@@ -43,6 +43,7 @@ import contextlib
 import logging
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,7 @@ class _MrcFrames:
         self.pixel_size = vs if vs > 0 else None
         self._fd = os.open(path, os.O_RDONLY)
 
-    def read(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read(self, i: int) -> np.ndarray:
         buf = np.empty(self._frame_bytes, np.uint8)
         got = os.preadv(self._fd, [memoryview(buf)], self._offset + i * self._frame_bytes)
         if got < self._frame_bytes:
@@ -211,7 +212,7 @@ class _TiffFrames:
         res = first.resolution if ij else None
         self.pixel_size = scale / res[0] if scale and res and res[0] else None
 
-    def read(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read(self, i: int) -> np.ndarray:
         frame = self._pages[i].asarray()
         return np.ascontiguousarray(frame[::-1]).astype(frame.dtype.newbyteorder("="), copy=False)
 
@@ -303,12 +304,24 @@ class _EerFrames:
 class Movie:
     """A movie opened by :func:`open_movie`; a context manager. Frames are read lazily."""
 
-    def __init__(self, source, info: MovieInfo, start: int, gain, fill):
+    def __init__(self, source, info: MovieInfo, start: int, gain, mask):
         self._src, self.info, self._start = source, info, start
-        self._gain, self._fill = gain, fill
+        self._gain, self._mask = gain, mask
+        self._fill = gainmod.DefectFill(mask) if mask is not None else None
+        self._lock = threading.Lock()  # TIFF and EER sources seek a shared file handle
 
     def __len__(self) -> int:
         return self.info.n_frames
+
+    @property
+    def gain(self) -> np.ndarray | None:
+        """``(H, W)`` float32 multiplied into each frame (0 at defects), or None."""
+        return self._gain
+
+    @property
+    def defects(self) -> np.ndarray | None:
+        """``(H, W)`` bool, True where pixels are replaced (defect map and bad gain), or None."""
+        return self._mask
 
     def __enter__(self) -> Movie:
         return self
@@ -328,29 +341,30 @@ class Movie:
         """Frame ``i`` as stored, ``(H, W)`` in ``info.stored_dtype``: no gain, no defect fill."""
         i = self._index(i)
         try:
-            if self.info.format == "eer":
-                g = self.info.raw_frames_per_frame
-                acc = np.zeros(self.info.shape, np.uint16)
-                for k in range((self._start + i) * g, (self._start + i + 1) * g):
-                    self._src.add(k, acc)
-                return acc.astype(self.info.stored_dtype, copy=False)
-            return self._src.read(self._start + i)
-        except (ValueError, OSError, tifffile.TiffFileError) as e:
+            with self._lock:
+                return self._read(i)
+        except (ValueError, OSError) as e:
             raise _error(self.info.path, e) from e
         except RuntimeError as e:  # imagecodecs' EerError: a corrupt bit stream
             raise _error(self.info.path, f"cannot decode EER frame data ({e})") from e
 
+    def _read(self, i: int) -> np.ndarray:
+        if self.info.format != "eer":
+            return self._src.read(self._start + i)
+        g = self.info.raw_frames_per_frame
+        acc = np.zeros(self.info.shape, np.uint16)  # counts <= g <= 65535 (module doc)
+        for k in range((self._start + i) * g, (self._start + i + 1) * g):
+            self._src.add(k, acc)
+        return acc.astype(self.info.stored_dtype, copy=False)
+
     def correct(self, raw: np.ndarray) -> np.ndarray:
         """``(H, W)`` raw frame -> ``(H, W)`` float32, multiplied by the gain, defects filled."""
-        frame = np.asarray(raw, np.float32)
-        if frame.shape != self.info.shape:
-            raise ValueError(
-                f"raw frame of shape {frame.shape}, movie frames are {self.info.shape}"
-            )
+        raw = np.asarray(raw)
+        if raw.shape != self.info.shape:
+            raise ValueError(f"raw frame of shape {raw.shape}, movie frames are {self.info.shape}")
+        frame = raw.astype(np.float32)  # always a new array: the caller's raw is left alone
         if self._gain is not None:
-            frame = frame * self._gain
-        elif frame is raw:
-            frame = frame.copy()
+            frame *= self._gain
         if self._fill is not None:
             self._fill.apply(frame)
         return frame
@@ -453,6 +467,8 @@ def _build(
     group = 1
     if src.format == "eer":
         group = int(eer_grouping or EER_DEFAULT_GROUPING)
+        if group > 65535:
+            raise ValueError(f"EER grouping {group} is above 65535 raw frames per frame")
         if group > src.n_raw:
             raise ValueError(f"EER grouping {group} exceeds the {src.n_raw} raw frames")
     n_all = src.n_raw // group  # leftover raw frames are dropped (RELION)
@@ -484,8 +500,9 @@ def _build(
         if bad.any():
             mask = bad if mask is None else mask | bad
             g = np.where(bad, np.float32(0), g)
-    fill = gainmod.DefectFill(mask) if mask is not None and mask.any() else None
-    return Movie(src, info, int(first), g, fill)
+    if mask is not None and not mask.any():
+        mask = None
+    return Movie(src, info, int(first), g, mask)
 
 
 def _gain(path, src, gain, rot, flip, upsampling):

@@ -353,3 +353,18 @@ def test_reading_frame_by_frame_holds_one_frame(tmp_path, fmt):
     assert total > 0
     assert peak < 3 * frame_bytes, (peak, frame_bytes)
     assert peak < n * h * w * 2 / 10  # the stack in its stored dtype
+
+
+def test_corrupt_eer_stream_is_one_line_error(tmp_path):
+    """A frame whose bit stream addresses pixels beyond the frame fails on reading that frame."""
+    shape = (8, 8)
+    path = tmp_path / "m.eer"
+    write_eer(path, [random_events(RNG, shape, 10) for _ in range(2)], shape)
+    data = bytearray(path.read_bytes())
+    data[16:24] = b"\x7e" * 8  # frame 0's stream (it starts after the 16-byte header): long skips
+    path.write_bytes(bytes(data))
+    with open_movie(path) as m:
+        assert m.raw(1).sum() == 10
+        with pytest.raises(MovieError, match="cannot decode EER frame data") as e:
+            m.raw(0)
+    _one_line(e, path)
