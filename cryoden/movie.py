@@ -195,7 +195,8 @@ class _TiffFrames:
             raise ValueError(f"TIFF pages are not single-channel images (shape {first.shape})")
         io._check_tiff(tif, tif.series)
         _check_page_chain(tif)
-        self.shape, self.dtype, self.n_raw = tuple(first.shape), np.dtype(first.dtype), len(pages)
+        self.shape, self.n_raw = tuple(first.shape), len(pages)
+        self.dtype = np.dtype(first.dtype).newbyteorder("=")
         size = tif.filehandle.size
         for k, p in enumerate(self._pages):
             end = max(
@@ -253,9 +254,12 @@ class _EerFrames:
             self._bits = EER_COMPRESSION[first.compression]
         else:
             raise ValueError(f"not an EER file (TIFF compression {int(first.compression)})")
-        _, hb, vb = self._bits
-        if upsampling == 2 and (hb < 1 or vb < 1):
-            raise ValueError("EER file has no sub-pixel bits for upsampling 2")
+        skip, hb, vb = self._bits
+        if not (1 < skip < 15 and 0 < hb < 5 and 0 < vb < 5 and 8 < skip + hb + vb < 17):
+            raise ValueError(
+                f"unsupported EER code: {skip} skip bits, {hb}+{vb} sub-pixel bits (tags "
+                f"65007-65009)"
+            )
         self._superres = upsampling - 1
         self.detector_shape = (int(first.imagelength), int(first.imagewidth))
         self.shape = (self.detector_shape[0] * upsampling, self.detector_shape[1] * upsampling)
@@ -319,6 +323,11 @@ class Movie:
         return self._gain
 
     @property
+    def fill(self) -> gainmod.DefectFill | None:
+        """The defect filling plan (for :func:`cryoden.gain.correct` outside the Movie), or None."""
+        return self._fill
+
+    @property
     def defects(self) -> np.ndarray | None:
         """``(H, W)`` bool, True where pixels are replaced (defect map and bad gain), or None."""
         return self._mask
@@ -362,12 +371,7 @@ class Movie:
         raw = np.asarray(raw)
         if raw.shape != self.info.shape:
             raise ValueError(f"raw frame of shape {raw.shape}, movie frames are {self.info.shape}")
-        frame = raw.astype(np.float32)  # always a new array: the caller's raw is left alone
-        if self._gain is not None:
-            frame *= self._gain
-        if self._fill is not None:
-            self._fill.apply(frame)
-        return frame
+        return gainmod.correct(raw, self._gain, self._fill)
 
     def frame(self, i: int) -> np.ndarray:
         """Frame ``i``: ``(H, W)`` float32, gain-multiplied and defect-corrected."""

@@ -34,6 +34,7 @@ def _stack(dtype, shape=(5, 12, 20)):
 def test_mrc_round_trip(tmp_path, dtype):
     a = _stack(dtype)
     path = new_mrc(tmp_path / "m.mrcs", a, voxel_size=1.25)
+    assert is_movie(path)
     with open_movie(path) as m:
         info = m.info
         assert (info.format, info.n_frames, info.shape) == ("mrc", 5, (12, 20))
@@ -70,6 +71,7 @@ def test_tiff_round_trip_flipped(tmp_path, compression, dtype):
     a = _stack(dtype)
     path = tmp_path / "m.tif"
     tifffile.imwrite(path, a, photometric="minisblack", compression=compression)
+    assert is_movie(path)
     with open_movie(path) as m:
         assert (m.info.format, m.info.n_frames, m.info.shape) == ("tiff", 5, (12, 20))
         assert m.info.stored_dtype == dtype and m.info.pixel_size is None
@@ -367,4 +369,8 @@ def test_corrupt_eer_stream_is_one_line_error(tmp_path):
         assert m.raw(1).sum() == 10
         with pytest.raises(MovieError, match="cannot decode EER frame data") as e:
             m.raw(0)
+    _one_line(e, path)
+    write_eer(path, [random_events(RNG, shape, 10, 1)], shape, 65002, bits=(3, 1, 1))
+    with pytest.raises(MovieError, match="unsupported EER code: 3 skip bits") as e:
+        open_movie(path)
     _one_line(e, path)
