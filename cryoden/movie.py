@@ -381,15 +381,26 @@ class Movie:
         self._src.close()
 
 
+_QUIET = {"depth": 0, "level": logging.NOTSET, "lock": threading.Lock()}
+
+
 @contextlib.contextmanager
 def _quiet_tifffile():
+    """Silence tifffile's log while opening (its warnings about a broken file would print
+    beside our one-line error); nested and concurrent uses restore the level once."""
     log = logging.getLogger("tifffile")
-    level = log.level
-    log.setLevel(logging.ERROR + 1)
+    with _QUIET["lock"]:
+        if _QUIET["depth"] == 0:
+            _QUIET["level"] = log.level
+            log.setLevel(logging.ERROR + 1)
+        _QUIET["depth"] += 1
     try:
         yield
     finally:
-        log.setLevel(level)
+        with _QUIET["lock"]:
+            _QUIET["depth"] -= 1
+            if _QUIET["depth"] == 0:
+                log.setLevel(_QUIET["level"])
 
 
 def _error(path: Path, e) -> MovieError:
@@ -497,8 +508,8 @@ def _build(
         pixel_size=src.pixel_size,
         raw_frames_per_frame=group,
     )
-    g = _gain(path, src, gain, gain_rot, gain_flip, eer_upsampling)
-    mask = _defects(path, src, defects, eer_upsampling)
+    g = _gain(src, gain, gain_rot, gain_flip, eer_upsampling)
+    mask = _defects(src, defects, eer_upsampling)
     if g is not None:
         bad = ~np.isfinite(g) | (g == 0)
         if bad.any():
@@ -509,12 +520,14 @@ def _build(
     return Movie(src, info, int(first), g, mask)
 
 
-def _gain(path, src, gain, rot, flip, upsampling):
+def _gain(src, gain, rot, flip, upsampling):
     if gain is None:
         if rot or flip:
             raise ValueError("gain rotation/flip given without a gain reference")
         return None
     if isinstance(gain, np.ndarray):
+        if rot or flip:
+            raise ValueError("gain rotation/flip apply to a gain file; an array is used as it is")
         g = np.asarray(gain, np.float32)
         if g.shape != src.shape:
             raise ValueError(f"gain array is {_hw(g.shape)}, frames are {_hw(src.shape)}")
@@ -524,7 +537,7 @@ def _gain(path, src, gain, rot, flip, upsampling):
     )
 
 
-def _defects(path, src, defects, upsampling):
+def _defects(src, defects, upsampling):
     if defects is None:
         return None
     if isinstance(defects, np.ndarray):

@@ -203,6 +203,10 @@ def test_gain_wrong_shape_is_one_line_error(tmp_path):
     for bad in ({"gain_rot": 4}, {"gain_flip": 3}):
         with pytest.raises(MovieError, match="must be"):
             open_movie(movie, gain=gain, **bad)
+    with pytest.raises(MovieError, match="without a gain reference"):
+        open_movie(movie, gain_rot=1)
+    with pytest.raises(MovieError, match="gain array is 10x6"):
+        open_movie(movie, gain=np.ones((10, 6), np.float32))
 
 
 def test_eer_gain_as_relion(tmp_path):
