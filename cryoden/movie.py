@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,27 +145,6 @@ class _MrcFrames:
             self._fd = -1
 
 
-def _check_page_chain(tif: tifffile.TiffFile) -> None:
-    """Refuse a TIFF whose chain of pages does not end (tifffile stops, with a warning, at an
-    IFD beyond the end of a truncated file: the movie would silently lose its last frames)."""
-    fmt, fh = tif.tiff, tif.filehandle
-    last = tif.pages[len(tif.pages) - 1].offset
-    fh.seek(last)
-    raw = fh.read(fmt.tagnosize)
-    nxt = None
-    if len(raw) == fmt.tagnosize:
-        (count,) = struct.unpack(fmt.tagnoformat, raw)
-        fh.seek(last + fmt.tagnosize + count * fmt.tagsize)
-        raw = fh.read(fmt.offsetsize)
-        if len(raw) == fmt.offsetsize:
-            (nxt,) = struct.unpack(fmt.offsetformat, raw)
-    if nxt != 0:
-        raise ValueError(
-            f"file is truncated or corrupt: the TIFF's page list breaks off after "
-            f"{len(tif.pages)} pages"
-        )
-
-
 class _TiffFrames:
     """Pages of a multi-page TIFF, decoded one at a time and flipped upside down (RELION)."""
 
@@ -193,8 +171,7 @@ class _TiffFrames:
             raise ValueError(f"TIFF pages differ in shape or type: {sorted(map(str, shapes))}")
         if len(first.shape) != 2:
             raise ValueError(f"TIFF pages are not single-channel images (shape {first.shape})")
-        io._check_tiff(tif, tif.series)
-        _check_page_chain(tif)
+        io._check_tiff(tif, tif.series)  # the page list is complete (io.check_tiff_pages)
         self.shape, self.n_raw = tuple(first.shape), len(pages)
         self.dtype = np.dtype(first.dtype).newbyteorder("=")
         size = tif.filehandle.size
@@ -264,7 +241,7 @@ class _EerFrames:
         self.detector_shape = (int(first.imagelength), int(first.imagewidth))
         self.shape = (self.detector_shape[0] * upsampling, self.detector_shape[1] * upsampling)
         self._frames = [(k, pages[k]) for k in range(start, len(pages))]
-        _check_page_chain(self._tif)
+        io.check_tiff_pages(self._tif)
         size = self._tif.filehandle.size
         self._segments = []
         for k, p in self._frames:
@@ -354,8 +331,8 @@ class Movie:
                 return self._read(i)
         except (ValueError, OSError) as e:
             raise _error(self.info.path, e) from e
-        except RuntimeError as e:  # imagecodecs' EerError: a corrupt bit stream
-            raise _error(self.info.path, f"cannot decode EER frame data ({e})") from e
+        except RuntimeError as e:  # imagecodecs' errors: corrupt EER, LZW, deflate data
+            raise _error(self.info.path, f"cannot decode frame {i}: {e}") from e
 
     def _read(self, i: int) -> np.ndarray:
         if self.info.format != "eer":

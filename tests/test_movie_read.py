@@ -371,10 +371,43 @@ def test_corrupt_eer_stream_is_one_line_error(tmp_path):
     path.write_bytes(bytes(data))
     with open_movie(path) as m:
         assert m.raw(1).sum() == 10
-        with pytest.raises(MovieError, match="cannot decode EER frame data") as e:
+        with pytest.raises(MovieError, match="cannot decode frame 0: imcd_eer_decode") as e:
             m.raw(0)
     _one_line(e, path)
     write_eer(path, [random_events(RNG, shape, 10, 1)], shape, 65002, bits=(3, 1, 1))
     with pytest.raises(MovieError, match="unsupported EER code: 3 skip bits") as e:
         open_movie(path)
     _one_line(e, path)
+
+
+def test_corrupt_lzw_page_is_one_line_error(tmp_path):
+    a = _stack(np.uint8, (3, 32, 32))
+    path = tmp_path / "m.tif"
+    tifffile.imwrite(path, a, photometric="minisblack", compression="lzw")
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[1].dataoffsets[0]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 40] = bytes(range(1, 41))
+    path.write_bytes(bytes(data))
+    with open_movie(path) as m:
+        assert np.array_equal(m.raw(2), a[2][::-1])
+        with pytest.raises(MovieError, match="cannot decode frame 1: ") as e:
+            m.raw(1)
+    _one_line(e, path)
+
+
+def test_io_read_refuses_a_tiff_stack_cut_short(tmp_path):
+    """Sibling of the movie check, in io.read: tifffile stops at a page beyond the end of a
+    truncated file with only a warning; the stack was read as one image (6 pages -> (32, 32))."""
+    from cryoden import io
+
+    a = _stack(np.uint16, (6, 32, 32))
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, a, photometric="minisblack", compression="lzw")
+    assert io.read(path).data.shape == (6, 32, 32)
+    data = path.read_bytes()
+    for fraction in (0.5, 0.8):
+        cut = tmp_path / f"cut{fraction}.tif"
+        cut.write_bytes(data[: int(len(data) * fraction)])
+        with pytest.raises(ValueError, match=f"^{cut}: file is truncated or corrupt"):
+            io.read(cut)
