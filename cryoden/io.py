@@ -39,11 +39,12 @@ dropped).
 Untrusted files cost little: only regular files are opened (a FIFO or device is refused before
 it could block); an MRC header is checked against the file's size before anything is allocated
 (dimensions >= 1, a supported mode, nsymbt >= 0, header + extended header + data <= file size;
-trailing bytes are ignored), and the data are read once; uncompressed TIFF pixel data must fit in
-the file; compressed TIFF and PNG may decode to at most ``DECODE_FLOOR`` bytes or
-``DECODE_RATIO`` times the file's size, whichever is larger. Complex data and empty images are
-refused. Written MRC statistics are computed in float64, so finite data give finite dmin, dmax,
-dmean and rms.
+trailing bytes are ignored), and the data are read once; a TIFF's list of pages must end within
+the file (:func:`check_tiff_pages`: a truncated stack is not read as fewer pages), uncompressed
+TIFF pixel data must fit in the file; compressed TIFF and PNG may decode to at most
+``DECODE_FLOOR`` bytes or ``DECODE_RATIO`` times the file's size, whichever is larger. Complex
+data and empty images are refused. Written MRC statistics are computed in float64, so finite
+data give finite dmin, dmax, dmean and rms.
 
 Every error is a one-line ``ValueError(f"{path}: <problem>")``.
 """
