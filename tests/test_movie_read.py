@@ -251,8 +251,11 @@ def test_defects_text_boxes_and_image(tmp_path):
     movie = new_mrc(tmp_path / "m.mrcs", a)
     boxes = tmp_path / "defects.txt"
     boxes.write_text("# x y w h\n5 3 1 1\n\n10 0 3 20  # a column, clipped\n")
-    with open_movie(movie, defects=boxes) as m:
-        f = m.frame(1)
+    with open_movie(movie, defects=boxes, gain=np.full((h, w), 2, np.float32)) as m:
+        f = m.frame(1) / 2
+        # frames cached raw elsewhere are corrected the same way
+        assert np.array_equal(gainmod.correct(m.raw(1), m.gain, m.fill), m.frame(1))
+        assert m.defects.sum() == 1 + 3 * h
     ref = a[1]
     assert f[3, 5] == pytest.approx((ref[2:5, 4:7].sum() - ref[3, 5]) / 8, rel=1e-5)
     # column 10..12: layer 1 (x 10 and 12) from x 9 / x 13, then x 11 from the filled columns
