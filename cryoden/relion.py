@@ -77,6 +77,12 @@ def job_parser(job: str) -> argparse.ArgumentParser:
         )
         p.add_argument("--patch-size", type=int, help="tile core in px; default: automatic")
         p.add_argument("--padding", type=int, help="tile margin in px; default: exact (2D)")
+        p.add_argument(
+            "--shard",
+            metavar="I/N",
+            help="do the I-th of N shares of the list (default: Slurm array/srun tasks, else "
+            "all); the last process to finish writes the STAR file and the exit marker",
+        )
     if job == "tomo-denoise":
         p.add_argument(
             "--halves",
@@ -107,7 +113,14 @@ def main(args: argparse.Namespace) -> int:
         return int(e.code or 0)
     job = relionjob.Job(ns.o)
     try:
-        job.start()
+        ns.share = None
+        if hasattr(ns, "shard"):
+            from cryoden import shard
+
+            ns.share = shard.from_environment(ns.shard)
+        # RELION removes the markers before it starts a job; shards must not remove those of
+        # a shard that already finished
+        job.start(clear_markers=ns.share is None)
         unused = [n for n in INPUTS if getattr(ns, n) and n not in USES[args.job]]
         if unused:
             raise ValueError(f"--{unused[0]} is not used by 'cryoden relion {args.job}'")
@@ -120,8 +133,9 @@ def main(args: argparse.Namespace) -> int:
         _say(_line(e))
         _fail(job)
         return 2 if isinstance(e, ValueError) else 1
-    job.finish(ok)
-    return 0 if ok else 1
+    if ok is not None:  # None: other shards are still working
+        job.finish(ok)
+    return 0 if ok or ok is None else 1
 
 
 def _jobdir(options: list[str]) -> str | None:
@@ -178,6 +192,8 @@ def _denoise_files(ns, job, items: list[tuple[str, Path]], ndim: int, kind_word:
     )
     inputs = set().union(*(outputs.identity(Path(s)) for s, _ in items if os.path.lexists(s)))
     todo = [(s, o) for s, o in items if not o.is_file()]
+    for folder in {o.parent for _, o in todo}:  # left by a killed earlier run
+        io.remove_stale_temporaries(folder)
     if len(todo) < len(items):
         _say(f"cryoden: {len(items) - len(todo)} of {len(items)} {kind_word}s already done")
     den, failed = None, []
@@ -207,7 +223,30 @@ def _denoise_files(ns, job, items: list[tuple[str, Path]], ndim: int, kind_word:
     return failed
 
 
-def _run_denoise(ns, job: relionjob.Job) -> bool:
+def _denoise_share(ns, job, items: list[tuple], ndim: int, word: str) -> bool | None:
+    """Denoise this process's share of ``items``; -> True when every output of the whole list
+    exists (write the STAR file), False when one of the share failed, None when other shards
+    still have work."""
+    from cryoden import shard
+
+    mine = shard.take(items, ns.share)
+    if ns.share is not None:
+        _say(f"cryoden: {ns.share}: {len(mine)} of {len(items)} {word}s")
+    failed = _denoise_files(ns, job, mine, ndim, word)
+    if failed:
+        _say(
+            f"cryoden: {len(failed)} of {len(mine)} {word}s failed; no STAR file written "
+            "(continue the job to retry them)"
+        )
+        return False
+    left = sum(not out.is_file() for _, out in items)
+    if left:
+        _say(f"cryoden: {ns.share} done; {left} {word}(s) left to the other shards")
+        return None
+    return True
+
+
+def _run_denoise(ns, job: relionjob.Job) -> bool | None:
     from cryoden import star
 
     path = _input(ns, "in_mics")
@@ -215,13 +254,9 @@ def _run_denoise(ns, job: relionjob.Job) -> bool:
     mics = star.loop(blocks, "micrographs", path, ["rlnMicrographName"])
     names = list(mics["rlnMicrographName"])
     outs = [relionjob.mirrored(job.dir, n) for n in names]
-    failed = _denoise_files(ns, job, list(zip(names, outs, strict=True)), 2, "micrograph")
-    if failed:
-        _say(
-            f"cryoden: {len(failed)} of {len(names)} micrographs failed; no STAR file written "
-            "(continue the job to retry them)"
-        )
-        return False
+    done = _denoise_share(ns, job, list(zip(names, outs, strict=True)), 2, "micrograph")
+    if not done:
+        return done
     blocks = dict(blocks)
     blocks["micrographs"] = mics.assign(rlnMicrographName=[os.path.normpath(o) for o in outs])
     star.write(job.dir / "denoised_micrographs.star", blocks)
@@ -248,7 +283,7 @@ def _column(table, col: str, path: str) -> list[str]:
     return values
 
 
-def _run_tomo_denoise(ns, job: relionjob.Job) -> bool:
+def _run_tomo_denoise(ns, job: relionjob.Job) -> bool | None:
     from cryoden import star
 
     path, blocks, tomos = _tomograms(ns)
@@ -264,13 +299,9 @@ def _run_tomo_denoise(ns, job: relionjob.Job) -> bool:
     outs = [job.dir / "tomograms" / f"rec_{n}.mrc" for n in names]
     if any(os.sep in n or n in ("", ".", "..") for n in names):
         raise ValueError(f"{path}: a rlnTomoName cannot name a file: {names}")
-    failed = _denoise_files(ns, job, list(zip(srcs, outs, strict=True)), 3, "tomogram")
-    if failed:
-        _say(
-            f"cryoden: {len(failed)} of {len(names)} tomograms failed; no STAR file written "
-            "(continue the job to retry them)"
-        )
-        return False
+    done = _denoise_share(ns, job, list(zip(srcs, outs, strict=True)), 3, "tomogram")
+    if not done:
+        return done
     blocks = dict(blocks)
     blocks["global"] = tomos.assign(
         rlnTomoReconstructedTomogramDenoised=[os.path.normpath(o) for o in outs]

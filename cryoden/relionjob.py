@@ -45,13 +45,15 @@ class Job:
         self.dir = Path(jobdir)
         self.name = os.path.normpath(jobdir)  # node names: 'External/job003/...'
 
-    def start(self) -> None:
-        """Create the folder, remove the markers of an earlier run and stale temporaries."""
+    def start(self, clear_markers: bool = True) -> None:
+        """Create the folder, remove stale temporaries and (``clear_markers``) the exit markers
+        of an earlier run, as RELION does before it starts a job."""
         if self.dir.exists() and not self.dir.is_dir():
             raise ValueError(f"--o {self.dir}: exists and is not a folder")
         self.dir.mkdir(parents=True, exist_ok=True)
-        for marker in (SUCCESS, FAILURE, ABORTED):
-            (self.dir / marker).unlink(missing_ok=True)
+        if clear_markers:
+            for marker in (SUCCESS, FAILURE, ABORTED):
+                (self.dir / marker).unlink(missing_ok=True)
         io.remove_stale_temporaries(self.dir)
 
     def node(self, relative: str) -> str:
@@ -80,6 +82,8 @@ class Job:
     def finish(self, ok: bool, aborted: bool = False) -> None:
         """Create the exit marker RELION waits for (and ``RELION_JOB_ABORTED`` on abort)."""
         names = [FAILURE] + ([ABORTED] if aborted else []) if not ok else [SUCCESS]
+        # the latest outcome wins: a marker of an earlier share or run is stale
+        (self.dir / (FAILURE if ok else SUCCESS)).unlink(missing_ok=True)
         for name in names:
             with io.atomic(self.dir / name):
                 pass

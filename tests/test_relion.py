@@ -264,3 +264,26 @@ def test_train_job_trains_a_model_that_denoise_uses(project):
     job = ["--o", "External/job005/", "--in_mics", star_in, "--model", "External/job004/model"]
     assert _relion("denoise", *job) == 0
     assert Path("External/job005/MotionCorr/job002/B/mic.mrc").is_file()
+
+
+def test_shards_split_the_list_and_the_last_one_finishes_the_job(project, monkeypatch, capsys):
+    job = project / JOB
+    # Slurm array task 1 of --array=1-2: the first micrograph only, and no STAR file or marker
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MAX", "2")
+    assert _denoise() == 0
+    assert (job / "MotionCorr/job002/A/mic.mrc").is_file()
+    assert not (job / "MotionCorr/job002/B/mic.mrc").exists()
+    assert not (job / "denoised_micrographs.star").exists()
+    assert not any(p.name.startswith("RELION_JOB_EXIT") for p in job.iterdir())
+    assert "1 micrograph(s) left to the other shards" in capsys.readouterr().err
+    for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX"):
+        monkeypatch.delenv(k)
+    assert _denoise("--shard", "2/2") == 0  # the last share: completes the job
+    assert (job / "MotionCorr/job002/B/mic.mrc").is_file()
+    mics = star.read(job / "denoised_micrographs.star")["micrographs"]
+    assert len(mics) == 2 and (job / "RELION_JOB_EXIT_SUCCESS").exists()
+    assert _denoise("--shard", "3/2") == 2  # a bad share is a one-line error and a failure
+    assert "--shard" in capsys.readouterr().err and (job / "RELION_JOB_EXIT_FAILURE").exists()
+    assert not (job / "RELION_JOB_EXIT_SUCCESS").exists()
