@@ -61,7 +61,11 @@ class ConfError(ValueError):
 
 
 def _parse(prog: str, argv: list[str] | None) -> Path:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=f"cryoCARE's {prog}, backed by cryoden: takes the JSON configuration "
+        "cryoCARE takes, as RELION 5's Denoise tomograms job writes it (docs/relion.md).",
+    )
     p.add_argument("--conf", required=True, help="cryoCARE JSON configuration")
     return Path(p.parse_args(argv).conf)
 
