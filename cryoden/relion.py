@@ -254,6 +254,11 @@ def _run_denoise(ns, job: relionjob.Job) -> bool | None:
     mics = star.loop(blocks, "micrographs", path, ["rlnMicrographName"])
     names = list(mics["rlnMicrographName"])
     outs = [relionjob.mirrored(job.dir, n) for n in names]
+    seen: dict[Path, str] = {}
+    for n, o in zip(names, outs, strict=True):
+        first = seen.setdefault(o, n)
+        if os.path.realpath(first) != os.path.realpath(n):
+            raise ValueError(f"{path}: {first} and {n} would both be written to {o}")
     done = _denoise_share(ns, job, list(zip(names, outs, strict=True)), 2, "micrograph")
     if not done:
         return done

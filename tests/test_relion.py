@@ -287,3 +287,17 @@ def test_shards_split_the_list_and_the_last_one_finishes_the_job(project, monkey
     assert _denoise("--shard", "3/2") == 2  # a bad share is a one-line error and a failure
     assert "--shard" in capsys.readouterr().err and (job / "RELION_JOB_EXIT_FAILURE").exists()
     assert not (job / "RELION_JOB_EXIT_SUCCESS").exists()
+
+
+def test_two_inputs_never_share_an_output(project, capsys):
+    absolute = str(project / "MotionCorr/job002/A/mic.mrc")
+    clash = "_absolute" + absolute  # mirrors to the same place as the absolute path
+    Path(clash).parent.mkdir(parents=True)
+    new_mrc(clash, np.ones((64, 64), np.float32))
+    text = CORRECTED.replace("MotionCorr/job002/A/mic.mrc", absolute).replace(
+        "MotionCorr/job002/B/mic.mrc", clash
+    )
+    Path("clash.star").write_text(text)
+    assert _relion("denoise", "--o", JOB, "--in_mics", "clash.star", "--model", "affine") == 2
+    assert "would both be written" in capsys.readouterr().err
+    assert (project / JOB / "RELION_JOB_EXIT_FAILURE").exists()
