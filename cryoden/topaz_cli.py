@@ -50,9 +50,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
-def _unsupported(p, *flags: str, why: str, **kw) -> None:
+UNSUPPORTED: dict[str, tuple[str, str]] = {}  # dest -> (flag, why): refused when given
+
+
+def _unsupported(p, flag: str, why: str, **kw) -> None:
     """A Topaz flag cryoden refuses when given (default None = not given)."""
-    p.add_argument(*flags, default=None, help=f"not supported: {why}", **kw)
+    action = p.add_argument(flag, default=None, help=f"not supported: {why}", **kw)
+    UNSUPPORTED[action.dest] = (flag, why)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +86,7 @@ def _denoise_args(p: argparse.ArgumentParser) -> None:
     a("--stack", action="store_true", help="denoise the sections of one MRC stack into -o FILE")
     a("--save-prefix", help="training: save models as PREFIX_epochN.sav")
     a("--save-interval", default=10, type=int, help="training: also save every N epochs")
-    a("-m", "--model", nargs="+", default=["unet"], help="models, outputs averaged")
+    a("-m", "--model", nargs="+", help="models, outputs averaged (default: unet)")
     a("-a", "--dir-a", help="training: folder of first halves")
     a("-b", "--dir-b", help="training: folder of second halves, same names")
     _unsupported(p, "--hdf", why="give -a/-b folders of MRC halves")
@@ -133,13 +137,12 @@ def _denoise3d_args(p: argparse.ArgumentParser) -> None:
         "-m",
         "--model",
         nargs="+",
-        default=["unet-3d"],
-        help="model(s), outputs averaged; training starts from it",
+        help="model(s), outputs averaged; training starts from it (default: unet-3d)",
     )
     a("-a", "--even-train-path", help="training: even half tomogram(s), file or folder")
     a("-b", "--odd-train-path", help="training: odd half tomogram(s), file or folder")
     a("--N-train", type=int, default=1000, help="training tiles per volume pair per epoch")
-    _unsupported(p, "--N-test", type=int, why="cryoden validates on held-out pairs")
+    _unsupported(p, "--N-test", type=int, why="cryoden validates on held-out volume pairs")
     a("-c", "--crop", type=int, default=96, help="training tile size")
     _unsupported(p, "--base-kernel-width", type=int, why="the architecture comes from --model")
     a("--optim", choices=["adam", "adagrad", "sgd"], default="adagrad", help="training optimiser")
@@ -212,14 +215,14 @@ def _training(args) -> bool:
     return args.even_train_path is not None or args.odd_train_path is not None
 
 
-UNSUPPORTED = {"hdf": "--hdf", "N_test": "--N-test", "base_kernel_width": "--base-kernel-width"}
-
-
 def _check(args) -> None:
     """Refuse (Fail) flags cryoden does not support and values no run can use."""
-    for dest, flag in UNSUPPORTED.items():
+    for dest, (flag, why) in UNSUPPORTED.items():
         if getattr(args, dest, None) is not None:
-            raise Fail(f"{flag} is not supported by cryoden-topaz (see docs/topaz-compat.md)")
+            raise Fail(f"{flag} is not supported by cryoden-topaz: {why}")
+    given_model = args.model is not None
+    if args.model is None:
+        args.model = ["unet" if args.command == "denoise" else "unet-3d"]
     finite = all(math.isfinite(getattr(args, k, 0.0)) for k in ("gaussian", "lowpass", "lr"))
     checks = [
         (finite, "--lowpass, --gaussian and --lr must be finite numbers"),
@@ -272,6 +275,11 @@ def _check(args) -> None:
                     f"{', '.join(TRAIN_ARCHS)} (as Topaz 0.3, from the pretrained model)",
                 ),
                 (not cutoff > 0, "--pixel-cutoff is not supported in training"),
+                (
+                    not given_model,
+                    "-m/--model is not used in training (it starts from --arch, as Topaz 0.3); "
+                    "denoise with -m PREFIX_epochN.sav afterwards",
+                ),
             ]
     elif _training(args):
         checks += [
@@ -499,6 +507,8 @@ def _one(args, den, src: str, out: Path, i: int, n: int) -> bool:
     try:
         if args.command == "denoise3d":
             img = io.read(src, kind="volume")
+            if img.data.shape[0] == 1:
+                raise ValueError("one 2D section is not a volume: use cryoden-topaz denoise")
             y = denoise_3d(img.data, den, args)
         elif args.stack:
             img = io.read(src, kind="stack")
@@ -513,12 +523,25 @@ def _one(args, den, src: str, out: Path, i: int, n: int) -> bool:
             _write_jpeg(out, y)
         else:
             io.write(out, img, label=f"cryoden {__version__} ({PROG} {args.command})"[:80])
-    except (ValueError, OSError) as e:
-        msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        _say(f"{PROG}: error: {src}: {' '.join(msg.split()).removeprefix(f'{src}: ')}")
+    except Exception as e:  # one bad file must not stop the others
+        _say(f"{PROG}: error: {src}: {_problem(e).removeprefix(f'{src}: ')}")
         return False
     _say(f"{PROG}: [{i}/{n}] {src} -> {out}")
     return True
+
+
+def _problem(e: Exception) -> str:
+    """One line describing a per-file failure."""
+    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+        return (
+            "out of memory while denoising: give a smaller --patch-size (images larger than "
+            "patch size + padding are tiled), or set CRYODEN_MEMORY_BUDGET (e.g. 4G)"
+        )
+    if isinstance(e, OSError) and e.strerror:
+        msg = e.strerror
+    else:
+        msg = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+    return " ".join(msg.split())
 
 
 def _write_jpeg(path: Path, y: np.ndarray) -> None:
@@ -593,7 +616,9 @@ def denoise_3d(v: np.ndarray, den, args) -> np.ndarray:
     v = np.asarray(v, np.float32)
     if den is None:
         return filters.gaussian(v, args.gaussian)
-    return den(v, topaz_compat=_whole_image(args, den, v.shape), gaussian=args.gaussian)
+    if _whole_image(args, den, v.shape):
+        return den(v, topaz_compat=True, gaussian=args.gaussian)
+    return den(v, padding=args.patch_padding, gaussian=args.gaussian)
 
 
 if __name__ == "__main__":

@@ -320,6 +320,7 @@ BAD_FLAGS = [
     (["denoise", "--method", "masked", "x.mrc"], "--method"),
     (["denoise", "-a", "a", "-b", "b", "--arch", "unet2", "--save-prefix", "p"], "--arch"),
     (["denoise", "-a", "a", "-b", "b"], "--save-prefix"),
+    (["denoise", "-a", "a", "-b", "b", "--save-prefix", "p", "-m", "unet"], "--model"),
     (["denoise", "--device", "-3", "x.mrc"], "--device"),
     (["denoise", "-m", "no-such-model", "-d", "-1", "x.mrc"], "--model"),
     (["denoise3d", "--N-test", "5", "v.rec"], "--N-test"),
@@ -376,7 +377,7 @@ def test_denoise3d_whole_volume_and_gaussian_after(tmp_path, small):
     topaz_cli.denoise_3d(np.zeros((40, 40, 40), np.float32), Fake(), args)
     args = topaz_cli.build_parser().parse_args(["denoise3d"])
     topaz_cli.denoise_3d(np.zeros((40, 40, 40), np.float32), Fake(), args)
-    assert seen == [dict(topaz_compat=True, gaussian=2.0), dict(topaz_compat=False, gaussian=0)]
+    assert seen == [dict(topaz_compat=True, gaussian=2.0), dict(padding=48, gaussian=0)]
 
 
 def test_whole_image_when_topaz_would_not_cut_patches():
@@ -450,7 +451,7 @@ def test_training_saves_topaz_names_that_model_reads(tmp_path, small, capsys):
     net = tfl.AffineDenoise(max_size=31)
     k = np.asarray(params["filter"]["kernel"])[..., 0, 0]
     net.filter.weight.data[:] = torch.from_numpy(k.copy())
-    net.filter.bias.data[:] = torch.from_numpy(np.asarray(params["filter"]["bias"]))
+    net.filter.bias.data[:] = torch.from_numpy(np.array(params["filter"]["bias"]))
     topaz = tdn.Denoise.__new__(tdn.Denoise)
     topaz.model, topaz.device, topaz.dims, topaz.use_cuda = net.eval(), "cpu", 2, False
     with torch.no_grad():
