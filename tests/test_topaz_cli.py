@@ -230,6 +230,18 @@ def test_png_and_jpg_are_topaz_quantised_standardised_output(tmp_path, small):
             assert np.mean(np.abs(got.astype(int) - topaz_jpg)) < 0.05
 
 
+def test_patches_are_exact_tiles_not_topazs_seams(tmp_path, small):
+    """An image larger than --patch-size + --patch-padding: Topaz re-normalises each patch
+    (seams); cryoden-topaz tiles exactly, so the output is the whole-image one."""
+    src = new_mrc(tmp_path / "m.mrc", small)
+    rc, _ = run("denoise", src, "-m", "affine", "-d", -1, "-s", 16, "-p", 8, "-o", tmp_path / "o")
+    assert rc == 0
+    whole = ref_2d(small, ["affine"])
+    close(read_mrc(tmp_path / "o" / "m.mrc"), whole, scale=small.std())
+    patched = ref_2d(small, ["affine"], patch_size=16, padding=8)
+    assert np.max(np.abs(patched - whole)) > 1e-2 * small.std()
+
+
 def test_stack_denoises_each_section_into_the_output_file(tmp_path, small):
     stack = np.stack([small, small[::-1, ::-1].copy()])
     src = new_mrc(tmp_path / "s.mrcs", stack)
@@ -458,3 +470,39 @@ def test_training_saves_topaz_names_that_model_reads(tmp_path, small, capsys):
         ref = tdn.denoise_image(small.copy(), [topaz])
     close(read_mrc(tmp_path / "o" / "m.mrc"), ref, scale=small.std())
     assert np.max(np.abs(ref - Denoiser("affine")(small))) > 1e-3 * small.std()  # it was trained
+
+
+def test_denoise3d_training_flags_map_onto_cryoden_training(tmp_path):
+    """Topaz 3D training fine-tunes -m (default unet-3d) on -a/-b with --N-train tiles per
+    volume pair per epoch; the config cryoden.train receives says so."""
+    argv = [
+        "denoise3d",
+        "-a",
+        tmp_path / "even.rec",
+        "-b",
+        tmp_path / "odd.rec",
+        "--N-train",
+        7,
+        "-c",
+        64,
+        "--batch-size",
+        2,
+        "--num-epochs",
+        3,
+        "--criteria",
+        "L1",
+        "--optim",
+        "sgd",
+        "--save-prefix",
+        tmp_path / "m",
+    ]
+    args = topaz_cli.build_parser().parse_args([str(a) for a in argv])
+    topaz_cli._check(args)
+    cfg = topaz_cli.train_config(args)
+    assert (cfg.model.init, cfg.model.ndim, cfg.model.base_width) == ("unet-3d", 3, 7)
+    assert (cfg.data.samples_per_pair, cfg.data.crop, cfg.data.batch_size) == (7, 64, 2)
+    assert (cfg.optim.name, cfg.optim.loss, cfg.optim.momentum) == ("sgd", "L1", 0.9)
+    assert cfg.data.even == str(tmp_path / "even.rec") and cfg.run.epochs == 3
+    assert cfg.run.out == str(tmp_path / "m_cryoden_run")
+    assert topaz_cli.sav_path("p", 7, 1000).name == "p_epoch007.sav"
+    assert topaz_cli.sav_path("p", 100, 100).name == "p_epoch100.sav"
