@@ -127,6 +127,7 @@ def test_models_averaged_without_normalize_restore_the_input_scale(tmp_path, sma
     assert abs(ours.mean() - small.mean()) < 0.05 * small.mean()  # counts, not standardised
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # in Topaz's lowpass
 def test_lowpass_pixel_cutoff_and_gaussian_as_topaz(tmp_path, small):
     """Topaz's order: low-pass, standardise, outliers to the mean, Gaussian, net. (Its own
     --lowpass > 1 cannot run: the argument shadows its lowpass function, a TypeError; the
@@ -182,16 +183,16 @@ def test_inv_gaussian_as_topaz_defines_it(tmp_path, small):
 
 
 @pytest.mark.parametrize("patch", [1, 2])
-def test_deconvolve_as_topaz_defines_it(tmp_path, mic, patch):
+def test_deconvolve_as_topaz_defines_it(tmp_path, small, patch):
     """--deconvolve --deconv-patch N is Topaz's correct_spatial_covariance (which its own
     command cannot run: it passes a NumPy array where the function needs a tensor). Its
     estimate divides by powers close to 0, so float32 (Topaz) and float64 (cryoden) sums
     agree to ~1e-4 of the std, not to the last bit."""
-    x = ((mic - mic.mean()) / mic.std()).astype(np.float32)
+    x = ((small - small.mean()) / small.std()).astype(np.float32)
     with torch.no_grad():
         ref = tdn.correct_spatial_covariance(torch.from_numpy(x.copy()), patch=patch).numpy()
     close(tf.deconvolve(x, patch), ref, tol=2e-3)
-    src = new_mrc(tmp_path / "m.mrc", mic)
+    src = new_mrc(tmp_path / "m.mrc", small)
     rc, _ = run(
         "denoise",
         src,
@@ -208,7 +209,7 @@ def test_deconvolve_as_topaz_defines_it(tmp_path, mic, patch):
         "_d",
     )
     assert rc == 0
-    expect = ref * mic.std(dtype=np.float64) + mic.mean(dtype=np.float64)
+    expect = ref * small.std(dtype=np.float64) + small.mean(dtype=np.float64)
     close(read_mrc(tmp_path / "m_d.mrc"), expect, tol=2e-3)
     assert np.max(np.abs(tf.deconvolve(x, patch) - x)) > 0.1  # it did something
 
