@@ -1,6 +1,6 @@
-"""``cryoden-topaz``: Topaz-Denoise's command line (topaz-em 0.3) on cryoden.
+"""cryoden-topaz: Topaz-Denoise's command line (topaz-em 0.3) on cryoden.
 
-A drop-in for the ``topaz`` executable that cryoSPARC, RELION External jobs and Scipion call::
+A drop-in for the topaz executable that cryoSPARC, RELION External jobs and Scipion call:
 
   cryoden-topaz denoise mics/*.mrc --model unet --device 0 --format mrc --patch-size 1280 \\
       --patch-padding 384 --normalize --output Denoised
@@ -10,7 +10,7 @@ A drop-in for the ``topaz`` executable that cryoSPARC, RELION External jobs and 
 
 Flags, defaults, output names and numbers are Topaz 0.3's (docs/topaz-compat.md lists every
 flag and each difference); models come from cryoden's weights (pretrained names, cryoden
-files, Topaz ``.sav`` files). Bad flags and flags cryoden does not support stop the run with one
+files, Topaz .sav files). Bad flags and flags cryoden does not support stop the run with one
 line naming the flag (exit 2); a file that cannot be read or written is reported on one line and
 the others go on (exit 1). Inputs are never overwritten; outputs are written atomically.
 """
@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from cryoden import __version__
 
 TOPAZ_VERSION = "0.3.20"  # what --version prints: the Topaz release whose interface this is
 PROG = "cryoden-topaz"
@@ -62,7 +64,7 @@ def _unsupported(p, flag: str, why: str, **kw) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
-        description=__doc__.split("\n\n")[0],
+        description=f"{__doc__.split(chr(10) * 2)[0]} (cryoden {__version__})",
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         fromfile_prefix_chars="@",
