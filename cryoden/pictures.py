@@ -29,7 +29,7 @@ Limits = tuple[float, float]
 _DPI = 100
 _LABEL_PX = 18  # height of the text line above each panel
 _GAP_PX = 4
-_CHAR_PX = 6  # generous width of one character of the 9 pt label font at 100 dpi
+_CHAR_PX = 7  # generous width of one character of the 9 pt label font at 100 dpi
 
 
 def contrast(images: Sequence[np.ndarray] | np.ndarray, clip: float = 3.0) -> Limits:
