@@ -222,14 +222,8 @@ def montage(
             h, w = im.shape
             ax = fig.add_axes([x / width, (y + row_h[r] - h) / height, w / width, h / height])
             lo, hi = grid[r][c]
-            ax.imshow(
-                to_uint8(im, lo, hi),
-                cmap="gray",
-                vmin=0,
-                vmax=255,
-                interpolation="nearest",
-                aspect="auto",
-            )
+            grey = np.repeat(to_uint8(im, lo, hi)[..., None], 3, axis=-1)  # RGB: no colormap
+            ax.imshow(grey, interpolation="nearest", aspect="auto")  # 1 image px = 1 screen px
             ax.set_axis_off()
             text = labels[r][c] if labels and c < len(labels[r]) else ""
             fig.text(
