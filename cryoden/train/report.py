@@ -46,7 +46,8 @@ class Previewer:
     """The fixed preview crop of a run and a compiled function that denoises it.
 
     pair: ``(even, odd)`` paths; only the even half is shown. held_out: whether the pair is a
-    validation pair (for the caption).
+    validation pair (for the caption). ``corner``: the crop's first pixel, ``(y, x)`` in 2D,
+    ``(z, y, x)`` in 3D.
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class Previewer:
             y1, x1 = min(h, y + size + c), min(w, x + size + c)
             window = half[y0:y1, x0:x1]
             self.keep = (slice(y - y0, y - y0 + size), slice(x - x0, x - x0 + size))
+            self.corner = (y, x)
             self.where = f"{size}x{size} px at (y, x) = ({y}, {x})"
         else:
             d, h, w = half.shape
@@ -76,6 +78,7 @@ class Previewer:
             z = max(0, d // 2 - size // 2)
             window = half[z : z + size, y : y + size, x : x + size]
             self.keep = (slice(size // 2, size // 2 + 1), slice(None), slice(None))
+            self.corner = (z, y, x)
             self.where = f"{size}^3 voxels at (z, y, x) = ({z}, {y}, {x}), central XY slice"
         x_norm = (np.asarray(window, np.float64) - mean) / std
         pad = [(0, -n % s) for n in x_norm.shape]  # stride-aligned: high end, reflected
