@@ -114,3 +114,18 @@ def test_preview_crop_is_the_whole_image_output(tmp_path):
     whole = build_model(spec).apply({"params": params}, norm[None, ..., None].astype(np.float32))
     ref = np.asarray(whole)[0, ..., 0][y : y + 256, x : x + 256]
     np.testing.assert_allclose(shown.denoise(params), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_preview_of_a_volume_is_the_central_xy_slice_of_a_cube(tmp_path):
+    rng = np.random.default_rng(4)
+    vol = rng.normal(size=(20, 90, 80)).astype(np.float32)
+    np.save(tmp_path / "e.npy", vol)
+    shown = report.Previewer((tmp_path / "e.npy", tmp_path / "e.npy"), ModelSpec("unet", 3, 3, 3),
+                             held_out=False)  # fmt: skip
+    z, y, x = shown.corner
+    assert (z, shown.raw().shape) == (0, (20, 20))  # a cube as deep as the volume allows
+    mean, std = image_stats(tmp_path / "e.npy")
+    np.testing.assert_allclose(
+        shown.raw(), (vol[10, y : y + 20, x : x + 20] - mean) / std, rtol=1e-5, atol=1e-5
+    )
+    assert "training pair (no holdout)" in shown.describe()

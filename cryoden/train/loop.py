@@ -449,8 +449,13 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
                 status = (
                     f"Stopped early after epoch {epoch + 1} of {epochs}: the "
                     f"{'validation' if val_pairs else 'training'} loss has not improved for "
-                    f"{stale} epochs (--patience {patience}); model.npz is the best model, "
-                    f"epoch {math.ceil(best_step / steps_per_epoch)}, loss {best:.5g}."
+                    f"{stale} epochs (--patience {patience}); "
+                    + (
+                        "no finite loss, no model.npz."
+                        if best_step is None
+                        else f"model.npz is the best model, epoch "
+                        f"{math.ceil(best_step / steps_per_epoch)}, loss {best:.5g}."
+                    )
                 )
                 log.info("early stop: %s", status)
             elif cur >= total_steps:
@@ -494,9 +499,9 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
 
 
 def _epochs_without_improvement(cur: int, best_step: int | None, steps_per_epoch: int) -> int:
-    """Finished epochs since the epoch of the best loss (0 before any epoch finished)."""
+    """Finished epochs since the epoch of the best loss (all of them while no loss was finite)."""
     if best_step is None:
-        return 0
+        return cur // steps_per_epoch
     return cur // steps_per_epoch - math.ceil(best_step / steps_per_epoch)
 
 
