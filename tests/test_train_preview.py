@@ -42,7 +42,7 @@ def make_cfg(halves, out, **run) -> C.Config:
             "model": {"arch": "affine", "base_width": 3},
             "data": {"even": str(even), "odd": str(odd), "crop": 32, "samples_per_pair": 4},
             "optim": {"name": "sgd", "lr": 1e-30},
-            "run": {"out": str(out), "epochs": 6, "async_save": False, **run},
+            "run": {"out": str(out), "epochs": 6, "async_save": False, "preview": True, **run},
         },
     )
 
@@ -80,7 +80,7 @@ def test_no_preview_and_flags(halves, tmp_path):
     run = tmp_path / "run"
     args = cli.add_args(argparse.ArgumentParser()).parse_args(
         ["--even", str(halves[0]), "--odd", str(halves[1]), "--out", str(run),
-         "--config", "train-2d-test", "--patience", "4", "--no-preview"]
+         "--config", "train-2d", "--patience", "4", "--no-preview"]
     )  # fmt: skip
     cfg = C.from_args(args)
     assert cfg.run.patience == 4 and cfg.run.preview is False
