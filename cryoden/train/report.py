@@ -154,6 +154,7 @@ def write_report(run: str | Path, status: str = "", preview_note: str = "") -> P
             "epoch",
             "loss",
             title="Noise2Noise loss (lower is better)",
+            logy=bool(np.all(np.concatenate(list(curves.values())) > 0)),
         )
         page.heading("Loss")
         page.image(LOSS_PNG, "training and validation loss per epoch")
