@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from . import io
 
@@ -290,6 +290,9 @@ def plot_curves(
         ax.axhline(hline, color="grey", linestyle="--", linewidth=0.8)
     if logy:
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:.3g}")  # 0.5, 2, 30 rather than 5x10^-1
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     if all(float(v).is_integer() for v in _all_x(xs, ys_by_label)):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)

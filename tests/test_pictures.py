@@ -135,6 +135,8 @@ def test_pictures_are_written_atomically(tmp_path):
     assert (tmp_path / "c.png").read_bytes() == b"old" and no_temporaries(tmp_path)
     p = pictures.plot_curves([1, 2, 3], {"a": [1.0, np.nan, 2]}, tmp_path / "c.png", "x", "y")
     assert Image.open(p).size == (600, 400)
+    q = pictures.plot_curves([1, 2], {"a": [0.9, 5.0]}, tmp_path / "l.png", "x", "y", logy=True)
+    assert Image.open(q).size == (600, 400) and no_temporaries(tmp_path)
 
 
 def test_side_by_side_bins_both_panels(tmp_path):
