@@ -230,3 +230,17 @@ def test_infer_preview_never_replaces_an_input(tmp_path, model, capsys):
     assert run_infer(victim, precious, "-o", out, "-m", model, "--preview") == 2
     assert "would replace the input" in capsys.readouterr().err
     assert precious.read_bytes() == before and not (out / "a.mrc").exists()
+
+
+def test_watch_never_takes_its_own_previews_as_inputs(tmp_path, model, capsys):
+    out = tmp_path / "out"
+    (out / "previews").mkdir(parents=True)
+    args = ("-m", model, "--watch", "--preview", "--idle", "0.3", "--settle", "0")
+    assert run_infer(out / "previews", "-o", out, *args) == 2  # the previews folder itself
+    assert "previews folder" in capsys.readouterr().err
+    (tmp_path / "in").mkdir()
+    new_mrc(tmp_path / "in" / "a.mrc", rng.normal(size=(16, 16)).astype(np.float32))
+    pattern = str(tmp_path / "**" / "*.png")  # would take out/previews/a.mrc.png ...
+    assert run_infer(tmp_path / "in", pattern, "-o", out, "--format", "mrc", *args) == 1
+    assert "its --preview would be watched as a new input" in capsys.readouterr().err
+    assert not (out / "a.mrc").exists() and not list((out / "previews").iterdir())

@@ -126,6 +126,11 @@ class Config:
         checks = [
             (m.dtype in ("float32", "bfloat16"), f"model.dtype {m.dtype!r}: float32 or bfloat16"),
             (d.crop > 0 and d.batch_size > 0, "data.crop and data.batch_size must be positive"),
+            (
+                d.crop >= m.spec.stride,
+                f"data.crop {d.crop} is smaller than the {m.arch} network's stride "
+                f"{m.spec.stride} (its poolings need at least that many pixels per axis)",
+            ),
             (0.0 <= d.holdout < 1.0, f"data.holdout {d.holdout} must be in [0, 1)"),
             (d.samples_per_pair > 0, "data.samples_per_pair must be positive"),
             (

@@ -162,8 +162,12 @@ def _rewrite_tsv(path: Path, upto_step: int) -> None:
     _write_atomic(path, "\n".join(["\t".join(TSV_COLUMNS), *rows]) + "\n")
 
 
-def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
+def train(cfg: Config, command: list[str] | None = None, on_epoch=None) -> dict[str, Any]:
     """Run (or resume) training.
+
+    on_epoch: called on the main process at the end of every epoch run here as
+    ``on_epoch(epoch, improved, params)``: epoch counted from 1, whether it gave a new best
+    model, and a function returning the current params (numpy) when called.
 
     Returns ``{'step', 'best_val_loss', 'best_step', 'interrupted'}`` and, when finished,
     ``'model'`` (path of the exported best model) and ``'params'`` (final params, numpy).
@@ -397,7 +401,8 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
             ep_sum, ep_n = 0.0, 0
             val_loss = validate(state["params"]) if val_pairs else math.nan
             select = val_loss if val_pairs else train_loss
-            if select < best:
+            improved = select < best
+            if improved:
                 best, best_step = select, cur
                 if main:
                     weights.save(
@@ -413,6 +418,8 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
                         cryoden_version=cryoden.__version__,
                         source="cryoden.train",
                     )
+            if on_epoch is not None and main:
+                on_epoch(epoch + 1, improved, lambda s=state: mesh.to_host(s["params"]))
             gamma = float(mesh.to_host(metrics["gamma"])) if cfg.optim.loss == "L0" else None
             row = (
                 epoch + 1,
