@@ -36,7 +36,9 @@ removes the unfinished output, writes the record and exits with status 130 (143)
 
 Progress goes to stderr: bars on a terminal, plain lines in a log file; -q keeps only errors.
 OUTDIR/cryoden-infer.json records the version, command line, options and per-file outcome of
-the last run. Temporary files that a killed cryoden left in OUTDIR are removed by the next run.
+the last run. --preview adds OUTDIR/previews/<output name>.png per file (raw | denoised, binned;
+a failed preview is reported on one line and makes the exit status 1, the output stays).
+Temporary files that a killed cryoden left in OUTDIR are removed by the next run.
 Environment: CRYODEN_MEMORY_BUDGET (bytes, or with a K, M, G or T suffix) caps the memory of one
 tile batch (default: 60% of an accelerator's memory, 40% of RAM on CPU); CRYODEN_CACHE_DIR is
 where compiled kernels are cached.
@@ -172,6 +174,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         metavar="I/N",
         help="process the I-th of N shares of the inputs (1 <= I <= N); default: from Slurm "
         "(array task and srun task), else all",
+    )
+    a.add_argument(
+        "--preview",
+        action="store_true",
+        help="also write OUTDIR/previews/<output name>.png: raw | denoised, binned to at most "
+        "1024 px (stacks: the central slice; volumes: central XY, XZ, YZ slices) "
+        "(default: off)",
     )
     a.add_argument(
         "-q",
@@ -428,6 +437,15 @@ def _main(args: argparse.Namespace) -> int:
     else:
         jobs = outputs.plan(args.inputs, outdir, args.format, args.suffix, args.skip_existing)
         clash = outputs.conflicts(jobs, record)  # over all shares: each process sees the same
+        if args.preview and not clash:  # previews may not replace inputs either
+            import dataclasses
+
+            from cryoden import preview
+
+            shown = [
+                dataclasses.replace(j, out=preview.path_for(outdir, j.out)) for j in jobs if j.out
+            ]
+            clash = outputs.conflicts(shown, record)
         if clash:
             error(None, clash)
             return 2
@@ -441,6 +459,16 @@ def _main(args: argparse.Namespace) -> int:
     except OSError as e:
         error(outdir, f"cannot write to the output directory: {e.strerror or e}")
         return 2
+    if args.preview:
+        from cryoden import preview
+
+        folder = outdir / preview.PREVIEWS
+        try:
+            folder.mkdir(exist_ok=True)
+            io.new_temporary(folder / "cryoden-probe").unlink()
+        except OSError as e:
+            error(folder, f"cannot write the previews folder: {e.strerror or e}")
+            return 2
 
     from cryoden import runtime, weights
     from cryoden.inference import memory_budget
@@ -458,6 +486,8 @@ def _main(args: argparse.Namespace) -> int:
         error(None, e)
         return 2
     stale = io.remove_stale_temporaries(outdir, keep=[j.src for j in jobs])
+    if args.preview:
+        stale += io.remove_stale_temporaries(outdir / preview.PREVIEWS, keep=[j.src for j in jobs])
     if stale and not args.quiet:
         names = ", ".join(p.name for p in stale[:3]) + (", ..." if len(stale) > 3 else "")
         print(f"cryoden: removed {len(stale)} stale temporary file(s): {names}", file=sys.stderr)
@@ -507,6 +537,12 @@ def _watch_problem(args: argparse.Namespace, outdir: Path) -> str | None:
                 f"the output folder {outdir} is a watched folder: outputs would be taken as "
                 "new inputs; choose another -o"
             )
+        shots = os.path.join(out, "previews")  # preview.PREVIEWS
+        if args.preview and os.path.realpath(s) == os.path.realpath(shots):
+            return (
+                f"the previews folder of {outdir} is a watched folder: previews would be taken "
+                "as new inputs; choose another -o"
+            )
     return None
 
 
@@ -543,6 +579,8 @@ def _watch(args, outdir: Path, share, run: Runner, show, log: list[dict], budget
         if job.out is not None and not job.problem:
             if follower.would_take(job.out):
                 job.out, job.problem = None, "its output would be watched as a new input"
+            elif args.preview and follower.would_take(_preview_path(job.out)):
+                job.out, job.problem = None, "its --preview would be watched as a new input"
             elif written.get(str(job.out), str(src)) != str(src):
                 job.problem = f"{written[str(job.out)]} was already written to {job.out}"
         inputs = _identities([job])
@@ -602,8 +640,32 @@ def _run(
             msg = _problem(e, stage, budget)
             show.error(line(job.src, msg))
             entry.update(status="failed", error=msg)
+        else:
+            if args.preview:
+                _preview(img, y, job, entry, show)
         finally:
             show.file_done()
+
+
+def _preview_path(out) -> Path:
+    """OUTDIR/previews/<output name>.png of the output ``out``."""
+    from cryoden import preview
+
+    return preview.path_for(Path(out).parent, out)
+
+
+def _preview(img, y, job, entry: dict, show) -> None:
+    """Write the preview of a denoised file; a failure is reported, the output stays."""
+    from cryoden import preview
+
+    path = _preview_path(job.out)
+    try:
+        preview.write(img.data, y, img.kind, path, title=job.out.name)
+        entry["preview"] = str(path)
+    except Exception as e:  # the denoised file is fine: report, count as a failure, go on
+        msg = f"preview not written: {_problem(e, 'writing the preview', None)}"
+        show.error(line(job.src, msg))
+        entry["preview_error"] = msg
 
 
 def _finish(args, devices, log, record_path: Path, seconds: float, stopped, show) -> int:
@@ -640,7 +702,7 @@ def _finish(args, devices, log, record_path: Path, seconds: float, stopped, show
         show.error(f"cryoden: interrupted by {stopped}{during}: {summary}; see {record_path}")
         return EXIT_SIGNAL[stopped]
     show.say(f"cryoden: {summary}")
-    return 1 if counts["failed"] else 0
+    return 1 if counts["failed"] or any("preview_error" in e for e in log) else 0
 
 
 if __name__ == "__main__":
