@@ -33,6 +33,7 @@ COMMANDS = {
         "cryoden.train.__main__",
         "train a denoiser on even/odd halves of micrographs or tomograms",
     ),
+    "evaluate": ("cryoden.evaluate", "measure denoising on even/odd halves: split SNR, FRC..."),
     "convert": ("cryoden.convert", "convert Topaz/PyTorch weights (.sav, .pt) to cryoden's format"),
 }
 
