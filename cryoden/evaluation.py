@@ -49,18 +49,21 @@ def baseline_method(name: str) -> Method:
     return Method(name, "baseline", lambda x: baselines.apply(name, x))
 
 
-def model_method(name: str, denoiser, patch_size: int | None = None) -> Method:
+def model_method(
+    name: str, denoiser, patch_size: int | None = None, padding: int | None = None
+) -> Method:
     """A loaded :class:`~cryoden.inference.Denoiser` as a method named ``name`` (the model as
-    given). ``patch_size`` forces tiles of that core size (to measure seams)."""
+    given). ``patch_size`` forces tiles of that core size (to measure seams), ``padding`` their
+    margin (default: the Denoiser's, exact in 2D)."""
 
     def run(x):
-        return denoiser(np.asarray(x, np.float32), patch_size=patch_size)
+        return denoiser(np.asarray(x, np.float32), patch_size=patch_size, padding=padding)
 
     def cuts(shape):
-        plan = denoiser.plan(tuple(shape), patch_size, None)
+        plan = denoiser.plan(tuple(shape), patch_size, padding)
         if len(plan.tiles) <= 1:
             return None
-        if any(denoiser.uses_levelwise(n.spec, len(plan.tiles), patch_size, None) for n in
+        if any(denoiser.uses_levelwise(n.spec, len(plan.tiles), patch_size, padding) for n in
                denoiser.nets):  # fmt: skip
             return None  # level by level: the stage tiles are planned at run time
         return [
