@@ -79,12 +79,12 @@ def check_movies(paths: Sequence[Path], gain: GainSpec, crop: int) -> list[Any]:
     infos = []
     for p in paths:
         try:
-            m = open_movie(p, **gain.open_kwargs())
+            with open_movie(p, **gain.open_kwargs()) as m:
+                info = m.info
         except (OSError, ValueError) as e:
             raise ValueError(_named(p, e)) from None
-        info = m.info
-        if len(m) < 2:
-            raise ValueError(f"{p}: {len(m)} frame(s): two halves need at least 2 frames")
+        if info.n_frames < 2:
+            raise ValueError(f"{p}: {info.n_frames} frame: two halves need at least 2 frames")
         if min(info.shape) < crop:
             raise ValueError(f"crop {crop} is larger than the frames of {p} ({info.shape})")
         infos.append(info)
@@ -137,9 +137,9 @@ class MovieSource:
         self.movies, self.gain_path, self.split, self.seed = movies, gain, split, seed
         self.pairs = [m.name for m in movies]
         self.shapes = [m.shape for m in movies]
-        self.stats = [self._stats(j) for j in range(len(movies))]
         self._maps: dict[int, np.ndarray] = {}
         self._gain: np.ndarray | None = None
+        self.stats = [self._stats(j) for j in range(len(movies))]
 
     def __getstate__(self):
         return {**self.__dict__, "_maps": {}, "_gain": None}
@@ -233,14 +233,14 @@ def prepare(
     movies = []
     for p in [*train, *val]:
         try:
-            m = open_movie(p, **gain.open_kwargs())
-            shifts = _shifts(m, cache / f"{p.stem}.star")
-            frames, mrc = _frames(m, p, cache / f"{p.stem}.npy")
-            if gain.path and gain_file is None:
-                gain_file = _cache_gain(m, cache / "gain.npy")
+            with open_movie(p, **gain.open_kwargs()) as m:
+                shifts = _shifts(m, cache / f"{p.stem}.star")
+                frames, mrc = _frames(m, p, cache / f"{p.stem}.npy")
+                if gain.path and gain_file is None:
+                    gain_file = _cache_gain(m, gain, cache / "gain.npy")
+                movies.append(_layout(p.stem, frames, mrc, shifts, tuple(m.info.shape)))
         except (OSError, ValueError) as e:
             raise ValueError(_named(p, e)) from None
-        movies.append(_layout(p.stem, frames, mrc, shifts, tuple(m.info.shape)))
     n = len(train)
     val_source = MovieSource(movies[n:], gain_file, split, seed) if val else []
     return MovieSource(movies[:n], gain_file, split, seed), val_source
@@ -259,9 +259,10 @@ def _layout(name, frames, mrc, shifts, shape) -> _Movie:
 
 def offsets_of(shifts: np.ndarray) -> np.ndarray:
     """``(N, 2)`` whole-pixel window displacements ``(x, y)`` of frames with ``shifts``
-    ``(N, 2)`` (x, y px, RELION's convention: the aligned frame is the frame moved by
-    ``-shift``, so its pixel ``p`` is the frame's pixel ``p + shift``)."""
-    return np.rint(np.asarray(shifts, np.float64)).astype(np.int64)
+    ``(N, 2)`` (x, y px, RELION's convention, :mod:`cryoden.align`: the aligned frame is
+    ``aligned(p) = frame(p - shift)``, so an aligned window at ``p`` reads the frame at
+    ``p - round(shift)``)."""
+    return -np.rint(np.asarray(shifts, np.float64)).astype(np.int64)
 
 
 def _shifts(m, star: Path) -> np.ndarray:
@@ -270,17 +271,20 @@ def _shifts(m, star: Path) -> np.ndarray:
     from cryoden import motionstar
 
     if star.is_file():
-        shifts = np.asarray(motionstar.read_shifts(star), np.float64)
+        shifts = np.asarray(motionstar.read(star).shifts, np.float64)
         if shifts.shape != (len(m), 2):
             raise ValueError(f"{star}: {shifts.shape[0]} shifts for {len(m)} frames")
         return shifts
     from cryoden.align import estimate_shifts
 
-    frames = np.stack([m.frame(i) for i in range(len(m))])
-    alignment = estimate_shifts(frames, pixel_size=m.info.pixel_size or 1.0)
-    shifts = np.asarray(alignment.shifts, np.float64)
-    with io.atomic(star) as tmp:
-        motionstar.write_shifts(tmp, shifts, movie=str(m.info.path))
+    shifts = np.asarray(estimate_shifts(m, pixel_size=m.info.pixel_size or 1.0).shifts)
+    motionstar.write(
+        star,
+        shifts,
+        movie_name=str(m.info.path),
+        shape=m.info.shape,
+        pixel_size=m.info.pixel_size,
+    )
     log.info("aligned %s: drift %.1f px", Path(m.info.path).name, drift(shifts))
     return shifts
 
@@ -316,9 +320,14 @@ def _slow_mrc(m) -> bool:
     return getattr(m.info, "raw_frames_per_frame", 1) != 1
 
 
-def _cache_gain(m, npy: Path) -> str:
-    """The movie's oriented gain ``(H, W)`` float32 as ``npy``; -> its path."""
-    g = np.asarray(m.gain, np.float32)
+def _cache_gain(m, gain: GainSpec, npy: Path) -> str:
+    """The oriented gain ``(H, W)`` float32 of ``m``'s frames as ``npy`` (zero where it is zero
+    or not finite: such pixels are summed as 0, not filled); -> its path."""
+    from cryoden.gain import load_gain
+
+    eer = 1 if m.info.format == "eer" else None
+    g = load_gain(gain.path, m.info.shape, gain.rot, gain.flip, eer_upsampling=eer)
+    g = np.where(np.isfinite(g), g, 0).astype(np.float32)
     with io.atomic(npy) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, g)
