@@ -12,12 +12,15 @@ split into two disjoint sets, give two. :func:`partition` makes the split:
 function of ``(seed, e, k)``: a resumed run redraws exactly the same halves.
 
 :func:`window_sum` sums a window of chosen frames, each displaced by its whole-pixel shift, the
-way training crops are cut from memory-mapped frames.
+way training crops are cut from memory-mapped frames; :func:`write_sums` writes the sums of
+``cryoden movies``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -88,3 +91,23 @@ def window_sum(
         win = np.asarray(frames[i, y : y + h, x : x + w], np.float64)
         out += win if gain is None else win * gain[y : y + h, x : x + w]
     return out
+
+
+def write_sums(
+    paths: Sequence[os.PathLike], images: Sequence[np.ndarray], pixel_size: float, label: str
+) -> None:
+    """Write each ``(H, W)`` image as a float32 MRC file with ``pixel_size`` (Å) in its header
+    and ``label``, each atomically, all or none: when one fails, those this call already wrote
+    are removed again and the error (ValueError naming the file) is raised."""
+    from cryoden import io
+
+    done: list[Path] = []
+    try:
+        for path, image in zip(paths, images, strict=True):
+            img = io.Image(np.asarray(image, np.float32), "2d", voxel_size=(pixel_size,) * 3)
+            io.write(path, img, label=label)
+            done.append(Path(path))
+    except BaseException:
+        for p in done:
+            p.unlink(missing_ok=True)
+        raise
