@@ -2,8 +2,9 @@
 
 Orientation. Files are read as RELION reads them: MRC in file order; TIFF flipped upside down
 (RELION, IMOD, SerialEM and MotionCor2 flip the Y axis of every TIFF they read, because a TIFF's
-first row is the top of the image and an MRC's the bottom); EPU's ``.gain`` files for EER movies
-in file order (RELION's ``EERRenderer::loadEERGain`` reverts its TIFF flip for them). Then, as
+first row is the top of the image and an MRC's the bottom); EPU's ``.gain`` files (TIFF) in file
+order for EER movies (RELION's ``EERRenderer::loadEERGain`` reverts its TIFF flip for them) and
+upside down, as any TIFF, for other movies. Then, as
 RELION's ``MotioncorrRunner::prepareGainReference``, the gain is rotated ``rot`` times by 90°
 clockwise as displayed with the first row at the top (relion_display; RELION ``--gain_rot``,
 MotionCor2 ``-RotGain``; ``np.rot90(g, -rot)``), and then flipped: ``flip`` 1 upside down
@@ -188,6 +189,17 @@ def _shape_problem(what: str, got, want, rot: int, flip: int) -> str:
 
 def _hw(shape) -> str:
     return "x".join(map(str, shape)) + " (H x W)"
+
+
+def correct(raw: np.ndarray, gain: np.ndarray | None, fill: DefectFill | None) -> np.ndarray:
+    """``(H, W)`` raw frame -> new ``(H, W)`` float32 ``raw * gain`` (gain None: 1) with the
+    defects of ``fill`` (None: none) replaced; ``raw`` is left alone."""
+    frame = np.asarray(raw).astype(np.float32)
+    if gain is not None:
+        frame *= gain
+    if fill is not None:
+        fill.apply(frame)
+    return frame
 
 
 _NEIGHBOURS = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])

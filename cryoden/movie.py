@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +129,7 @@ class _MrcFrames:
         self.pixel_size = vs if vs > 0 else None
         self._fd = os.open(path, os.O_RDONLY)
 
-    def read(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read(self, i: int) -> np.ndarray:
         buf = np.empty(self._frame_bytes, np.uint8)
         got = os.preadv(self._fd, [memoryview(buf)], self._offset + i * self._frame_bytes)
         if got < self._frame_bytes:
@@ -143,27 +143,6 @@ class _MrcFrames:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _check_page_chain(tif: tifffile.TiffFile) -> None:
-    """Refuse a TIFF whose chain of pages does not end (tifffile stops, with a warning, at an
-    IFD beyond the end of a truncated file: the movie would silently lose its last frames)."""
-    fmt, fh = tif.tiff, tif.filehandle
-    last = tif.pages[len(tif.pages) - 1].offset
-    fh.seek(last)
-    raw = fh.read(fmt.tagnosize)
-    nxt = None
-    if len(raw) == fmt.tagnosize:
-        (count,) = struct.unpack(fmt.tagnoformat, raw)
-        fh.seek(last + fmt.tagnosize + count * fmt.tagsize)
-        raw = fh.read(fmt.offsetsize)
-        if len(raw) == fmt.offsetsize:
-            (nxt,) = struct.unpack(fmt.offsetformat, raw)
-    if nxt != 0:
-        raise ValueError(
-            f"file is truncated or corrupt: the TIFF's page list breaks off after "
-            f"{len(tif.pages)} pages"
-        )
 
 
 class _TiffFrames:
@@ -192,9 +171,9 @@ class _TiffFrames:
             raise ValueError(f"TIFF pages differ in shape or type: {sorted(map(str, shapes))}")
         if len(first.shape) != 2:
             raise ValueError(f"TIFF pages are not single-channel images (shape {first.shape})")
-        io._check_tiff(tif, tif.series)
-        _check_page_chain(tif)
-        self.shape, self.dtype, self.n_raw = tuple(first.shape), np.dtype(first.dtype), len(pages)
+        io._check_tiff(tif, tif.series)  # the page list is complete (io.check_tiff_pages)
+        self.shape, self.n_raw = tuple(first.shape), len(pages)
+        self.dtype = np.dtype(first.dtype).newbyteorder("=")
         size = tif.filehandle.size
         for k, p in enumerate(self._pages):
             end = max(
@@ -211,7 +190,7 @@ class _TiffFrames:
         res = first.resolution if ij else None
         self.pixel_size = scale / res[0] if scale and res and res[0] else None
 
-    def read(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read(self, i: int) -> np.ndarray:
         frame = self._pages[i].asarray()
         return np.ascontiguousarray(frame[::-1]).astype(frame.dtype.newbyteorder("="), copy=False)
 
@@ -252,14 +231,17 @@ class _EerFrames:
             self._bits = EER_COMPRESSION[first.compression]
         else:
             raise ValueError(f"not an EER file (TIFF compression {int(first.compression)})")
-        _, hb, vb = self._bits
-        if upsampling == 2 and (hb < 1 or vb < 1):
-            raise ValueError("EER file has no sub-pixel bits for upsampling 2")
+        skip, hb, vb = self._bits
+        if not (1 < skip < 15 and 0 < hb < 5 and 0 < vb < 5 and 8 < skip + hb + vb < 17):
+            raise ValueError(
+                f"unsupported EER code: {skip} skip bits, {hb}+{vb} sub-pixel bits (tags "
+                f"65007-65009)"
+            )
         self._superres = upsampling - 1
         self.detector_shape = (int(first.imagelength), int(first.imagewidth))
         self.shape = (self.detector_shape[0] * upsampling, self.detector_shape[1] * upsampling)
         self._frames = [(k, pages[k]) for k in range(start, len(pages))]
-        _check_page_chain(self._tif)
+        io.check_tiff_pages(self._tif)
         size = self._tif.filehandle.size
         self._segments = []
         for k, p in self._frames:
@@ -303,12 +285,29 @@ class _EerFrames:
 class Movie:
     """A movie opened by :func:`open_movie`; a context manager. Frames are read lazily."""
 
-    def __init__(self, source, info: MovieInfo, start: int, gain, fill):
+    def __init__(self, source, info: MovieInfo, start: int, gain, mask):
         self._src, self.info, self._start = source, info, start
-        self._gain, self._fill = gain, fill
+        self._gain, self._mask = gain, mask
+        self._fill = gainmod.DefectFill(mask) if mask is not None else None
+        self._lock = threading.Lock()  # TIFF and EER sources seek a shared file handle
 
     def __len__(self) -> int:
         return self.info.n_frames
+
+    @property
+    def gain(self) -> np.ndarray | None:
+        """``(H, W)`` float32 multiplied into each frame (0 at defects), or None."""
+        return self._gain
+
+    @property
+    def fill(self) -> gainmod.DefectFill | None:
+        """The defect filling plan (for :func:`cryoden.gain.correct` outside the Movie), or None."""
+        return self._fill
+
+    @property
+    def defects(self) -> np.ndarray | None:
+        """``(H, W)`` bool, True where pixels are replaced (defect map and bad gain), or None."""
+        return self._mask
 
     def __enter__(self) -> Movie:
         return self
@@ -328,32 +327,28 @@ class Movie:
         """Frame ``i`` as stored, ``(H, W)`` in ``info.stored_dtype``: no gain, no defect fill."""
         i = self._index(i)
         try:
-            if self.info.format == "eer":
-                g = self.info.raw_frames_per_frame
-                acc = np.zeros(self.info.shape, np.uint16)
-                for k in range((self._start + i) * g, (self._start + i + 1) * g):
-                    self._src.add(k, acc)
-                return acc.astype(self.info.stored_dtype, copy=False)
-            return self._src.read(self._start + i)
-        except (ValueError, OSError, tifffile.TiffFileError) as e:
+            with self._lock:
+                return self._read(i)
+        except (ValueError, OSError) as e:
             raise _error(self.info.path, e) from e
-        except RuntimeError as e:  # imagecodecs' EerError: a corrupt bit stream
-            raise _error(self.info.path, f"cannot decode EER frame data ({e})") from e
+        except RuntimeError as e:  # imagecodecs' errors: corrupt EER, LZW, deflate data
+            raise _error(self.info.path, f"cannot decode frame {i}: {e}") from e
+
+    def _read(self, i: int) -> np.ndarray:
+        if self.info.format != "eer":
+            return self._src.read(self._start + i)
+        g = self.info.raw_frames_per_frame
+        acc = np.zeros(self.info.shape, np.uint16)  # counts <= g <= 65535 (module doc)
+        for k in range((self._start + i) * g, (self._start + i + 1) * g):
+            self._src.add(k, acc)
+        return acc.astype(self.info.stored_dtype, copy=False)
 
     def correct(self, raw: np.ndarray) -> np.ndarray:
         """``(H, W)`` raw frame -> ``(H, W)`` float32, multiplied by the gain, defects filled."""
-        frame = np.asarray(raw, np.float32)
-        if frame.shape != self.info.shape:
-            raise ValueError(
-                f"raw frame of shape {frame.shape}, movie frames are {self.info.shape}"
-            )
-        if self._gain is not None:
-            frame = frame * self._gain
-        elif frame is raw:
-            frame = frame.copy()
-        if self._fill is not None:
-            self._fill.apply(frame)
-        return frame
+        raw = np.asarray(raw)
+        if raw.shape != self.info.shape:
+            raise ValueError(f"raw frame of shape {raw.shape}, movie frames are {self.info.shape}")
+        return gainmod.correct(raw, self._gain, self._fill)
 
     def frame(self, i: int) -> np.ndarray:
         """Frame ``i``: ``(H, W)`` float32, gain-multiplied and defect-corrected."""
@@ -363,15 +358,26 @@ class Movie:
         self._src.close()
 
 
+_QUIET = {"depth": 0, "level": logging.NOTSET, "lock": threading.Lock()}
+
+
 @contextlib.contextmanager
 def _quiet_tifffile():
+    """Silence tifffile's log while opening (its warnings about a broken file would print
+    beside our one-line error); nested and concurrent uses restore the level once."""
     log = logging.getLogger("tifffile")
-    level = log.level
-    log.setLevel(logging.ERROR + 1)
+    with _QUIET["lock"]:
+        if _QUIET["depth"] == 0:
+            _QUIET["level"] = log.level
+            log.setLevel(logging.ERROR + 1)
+        _QUIET["depth"] += 1
     try:
         yield
     finally:
-        log.setLevel(level)
+        with _QUIET["lock"]:
+            _QUIET["depth"] -= 1
+            if _QUIET["depth"] == 0:
+                log.setLevel(_QUIET["level"])
 
 
 def _error(path: Path, e) -> MovieError:
@@ -453,6 +459,8 @@ def _build(
     group = 1
     if src.format == "eer":
         group = int(eer_grouping or EER_DEFAULT_GROUPING)
+        if group > 65535:
+            raise ValueError(f"EER grouping {group} is above 65535 raw frames per frame")
         if group > src.n_raw:
             raise ValueError(f"EER grouping {group} exceeds the {src.n_raw} raw frames")
     n_all = src.n_raw // group  # leftover raw frames are dropped (RELION)
@@ -477,23 +485,26 @@ def _build(
         pixel_size=src.pixel_size,
         raw_frames_per_frame=group,
     )
-    g = _gain(path, src, gain, gain_rot, gain_flip, eer_upsampling)
-    mask = _defects(path, src, defects, eer_upsampling)
+    g = _gain(src, gain, gain_rot, gain_flip, eer_upsampling)
+    mask = _defects(src, defects, eer_upsampling)
     if g is not None:
         bad = ~np.isfinite(g) | (g == 0)
         if bad.any():
             mask = bad if mask is None else mask | bad
             g = np.where(bad, np.float32(0), g)
-    fill = gainmod.DefectFill(mask) if mask is not None and mask.any() else None
-    return Movie(src, info, int(first), g, fill)
+    if mask is not None and not mask.any():
+        mask = None
+    return Movie(src, info, int(first), g, mask)
 
 
-def _gain(path, src, gain, rot, flip, upsampling):
+def _gain(src, gain, rot, flip, upsampling):
     if gain is None:
         if rot or flip:
             raise ValueError("gain rotation/flip given without a gain reference")
         return None
     if isinstance(gain, np.ndarray):
+        if rot or flip:
+            raise ValueError("gain rotation/flip apply to a gain file; an array is used as it is")
         g = np.asarray(gain, np.float32)
         if g.shape != src.shape:
             raise ValueError(f"gain array is {_hw(g.shape)}, frames are {_hw(src.shape)}")
@@ -503,7 +514,7 @@ def _gain(path, src, gain, rot, flip, upsampling):
     )
 
 
-def _defects(path, src, defects, upsampling):
+def _defects(src, defects, upsampling):
     if defects is None:
         return None
     if isinstance(defects, np.ndarray):

@@ -34,6 +34,7 @@ def _stack(dtype, shape=(5, 12, 20)):
 def test_mrc_round_trip(tmp_path, dtype):
     a = _stack(dtype)
     path = new_mrc(tmp_path / "m.mrcs", a, voxel_size=1.25)
+    assert is_movie(path)
     with open_movie(path) as m:
         info = m.info
         assert (info.format, info.n_frames, info.shape) == ("mrc", 5, (12, 20))
@@ -70,6 +71,7 @@ def test_tiff_round_trip_flipped(tmp_path, compression, dtype):
     a = _stack(dtype)
     path = tmp_path / "m.tif"
     tifffile.imwrite(path, a, photometric="minisblack", compression=compression)
+    assert is_movie(path)
     with open_movie(path) as m:
         assert (m.info.format, m.info.n_frames, m.info.shape) == ("tiff", 5, (12, 20))
         assert m.info.stored_dtype == dtype and m.info.pixel_size is None
@@ -201,6 +203,10 @@ def test_gain_wrong_shape_is_one_line_error(tmp_path):
     for bad in ({"gain_rot": 4}, {"gain_flip": 3}):
         with pytest.raises(MovieError, match="must be"):
             open_movie(movie, gain=gain, **bad)
+    with pytest.raises(MovieError, match="without a gain reference"):
+        open_movie(movie, gain_rot=1)
+    with pytest.raises(MovieError, match="gain array is 10x6"):
+        open_movie(movie, gain=np.ones((10, 6), np.float32))
 
 
 def test_eer_gain_as_relion(tmp_path):
@@ -245,8 +251,11 @@ def test_defects_text_boxes_and_image(tmp_path):
     movie = new_mrc(tmp_path / "m.mrcs", a)
     boxes = tmp_path / "defects.txt"
     boxes.write_text("# x y w h\n5 3 1 1\n\n10 0 3 20  # a column, clipped\n")
-    with open_movie(movie, defects=boxes) as m:
-        f = m.frame(1)
+    with open_movie(movie, defects=boxes, gain=np.full((h, w), 2, np.float32)) as m:
+        f = m.frame(1) / 2
+        # frames cached raw elsewhere are corrected the same way
+        assert np.array_equal(gainmod.correct(m.raw(1), m.gain, m.fill), m.frame(1))
+        assert m.defects.sum() == 1 + 3 * h
     ref = a[1]
     assert f[3, 5] == pytest.approx((ref[2:5, 4:7].sum() - ref[3, 5]) / 8, rel=1e-5)
     # column 10..12: layer 1 (x 10 and 12) from x 9 / x 13, then x 11 from the filled columns
@@ -353,3 +362,55 @@ def test_reading_frame_by_frame_holds_one_frame(tmp_path, fmt):
     assert total > 0
     assert peak < 3 * frame_bytes, (peak, frame_bytes)
     assert peak < n * h * w * 2 / 10  # the stack in its stored dtype
+
+
+def test_corrupt_eer_stream_is_one_line_error(tmp_path):
+    """A frame whose bit stream addresses pixels beyond the frame fails on reading that frame."""
+    shape = (8, 8)
+    path = tmp_path / "m.eer"
+    write_eer(path, [random_events(RNG, shape, 10) for _ in range(2)], shape)
+    data = bytearray(path.read_bytes())
+    data[16:24] = b"\x7e" * 8  # frame 0's stream (it starts after the 16-byte header): long skips
+    path.write_bytes(bytes(data))
+    with open_movie(path) as m:
+        assert m.raw(1).sum() == 10
+        with pytest.raises(MovieError, match="cannot decode frame 0: imcd_eer_decode") as e:
+            m.raw(0)
+    _one_line(e, path)
+    write_eer(path, [random_events(RNG, shape, 10, 1)], shape, 65002, bits=(3, 1, 1))
+    with pytest.raises(MovieError, match="unsupported EER code: 3 skip bits") as e:
+        open_movie(path)
+    _one_line(e, path)
+
+
+def test_corrupt_lzw_page_is_one_line_error(tmp_path):
+    a = _stack(np.uint8, (3, 32, 32))
+    path = tmp_path / "m.tif"
+    tifffile.imwrite(path, a, photometric="minisblack", compression="lzw")
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[1].dataoffsets[0]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 40] = bytes(range(1, 41))
+    path.write_bytes(bytes(data))
+    with open_movie(path) as m:
+        assert np.array_equal(m.raw(2), a[2][::-1])
+        with pytest.raises(MovieError, match="cannot decode frame 1: ") as e:
+            m.raw(1)
+    _one_line(e, path)
+
+
+def test_io_read_refuses_a_tiff_stack_cut_short(tmp_path):
+    """Sibling of the movie check, in io.read: tifffile stops at a page beyond the end of a
+    truncated file with only a warning; the stack was read as one image (6 pages -> (32, 32))."""
+    from cryoden import io
+
+    a = _stack(np.uint16, (6, 32, 32))
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, a, photometric="minisblack", compression="lzw")
+    assert io.read(path).data.shape == (6, 32, 32)
+    data = path.read_bytes()
+    for fraction in (0.5, 0.8):
+        cut = tmp_path / f"cut{fraction}.tif"
+        cut.write_bytes(data[: int(len(data) * fraction)])
+        with pytest.raises(ValueError, match=f"^{cut}: file is truncated or corrupt"):
+            io.read(cut)
