@@ -4,6 +4,7 @@ and numbers, in JAX.
 examples:
   cryoden infer micrographs/*.mrc -o denoised/              denoise micrographs (model unet)
   cryoden infer tomo.rec -o denoised/ --model unet-3d-20a   denoise a tomogram
+  cryoden movies movies/*.tif -o aligned/ --gain gain.mrc   align movies, write even/odd sums
   cryoden train --even even/ --odd odd/ --out runs/mine     train on your own even/odd halves
   cryoden infer micrographs/*.mrc -o denoised/ --model runs/mine
   cryoden convert model_epoch100.sav -o model.npz           use a model trained with Topaz
@@ -34,6 +35,7 @@ COMMANDS = {
         "train a denoiser on even/odd halves of micrographs or tomograms",
     ),
     "evaluate": ("cryoden.evaluate", "measure denoising on even/odd halves: split SNR, FRC..."),
+    "movies": ("cryoden.movies", "align movies; write aligned sums and even/odd half sums"),
     "convert": ("cryoden.convert", "convert Topaz/PyTorch weights (.sav, .pt) to cryoden's format"),
 }
 
