@@ -80,6 +80,17 @@ def write_tsv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         tmp.write_text("\n".join(lines) + "\n")
 
 
+TITRATION_COLUMNS = ("file", "method", "frames", "dose", "p", "snr_db")
+
+
+def write_titration(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Dose-titration rows (:data:`TITRATION_COLUMNS`; dose in e/Å^2, nan when unknown)."""
+    cols = TITRATION_COLUMNS
+    lines = ["\t".join(cols)] + ["\t".join(_fmt(r[c]) for c in cols) for r in rows]
+    with io.atomic(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
 def _jsonable(x: Any) -> Any:
     """NaN and infinities -> None (strict JSON), tuples -> lists, recursively."""
     if isinstance(x, float):
@@ -170,6 +181,21 @@ def pair_pictures(outdir: Path, k: int, result: evaluation.PairResult) -> list[t
         hline=0.0,
     )
     out.append((rel("signal"), SIGNAL_CAPTION))
+    if result.titration:
+        by: dict[str, tuple[list, list]] = {}
+        for r in result.titration:
+            xs, ys = by.setdefault(r["method"], ([], []))
+            xs.append(r["frames"])
+            ys.append(r["snr_db"])
+        pictures.plot_curves(
+            {m: np.asarray(v[0], float) for m, v in by.items()},
+            {m: np.asarray(v[1], float) for m, v in by.items()},
+            outdir / rel("titration"),
+            "frames of the even half summed",
+            "SNR vs the full odd half (dB)",
+        )
+        out.append((rel("titration"), "dose titration: the first k frames of the even half, "
+                    "processed, against the whole raw odd half"))  # fmt: skip
     return out
 
 

@@ -34,17 +34,25 @@ has the details.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
-OUTPUTS = ("metrics.tsv", "metrics.json", "report.html")
+OUTPUTS = ("metrics.tsv", "metrics.json", "report.html", "titration.tsv")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--even", required=True, help="even half: a file or a folder")
-    parser.add_argument("--odd", required=True, help="odd half: a file or a folder")
+    parser.add_argument("--even", help="even half: a file or a folder")
+    parser.add_argument("--odd", help="odd half: a file or a folder")
+    parser.add_argument(
+        "--movies",
+        nargs="+",
+        metavar="MOVIE",
+        help="movies (files or folders) instead of --even/--odd: each is aligned and split into "
+        "frames 1, 3, 5... and 2, 4, 6... as 'cryoden movies' does",
+    )
     parser.add_argument(
         "-o", "--output", required=True, metavar="OUTDIR", help="output folder (made if needed)"
     )
@@ -69,6 +77,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="denoise in tiles of this core size (default: as large as memory allows); "
         "gives the seam score something to measure",
     )
+    g = parser.add_argument_group("movies")
+    g.add_argument(
+        "--dose-titration",
+        action="store_true",
+        help="with --movies: denoise sums of the first k frames of the even half and score them "
+        "against the whole odd half (titration.tsv, plotted)",
+    )
+    g.add_argument("--gain", metavar="F", help="gain reference of the movies")
+    g.add_argument("--pixel-size", type=float, metavar="A", help="Å/px (default: from headers)")
+    g.add_argument(
+        "--dose-per-frame", type=float, metavar="E", help="e/Å^2 per frame, to label doses"
+    )
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype"
     )
@@ -83,15 +103,28 @@ def _fail(where, problem) -> int:
     return 2
 
 
+def _check_options(args) -> str | None:
+    halves = args.even is not None or args.odd is not None
+    checks = [
+        (halves != bool(args.movies), "give either --even and --odd, or --movies"),
+        (not halves or (args.even and args.odd), "--even and --odd go together"),
+        (not args.dose_titration or args.movies, "--dose-titration needs --movies (frames)"),
+        (args.patch_size is None or args.patch_size >= 1, "--patch-size must be >= 1"),
+        (args.pixel_size is None or args.pixel_size > 0, "--pixel-size must be positive"),
+        (args.dose_per_frame is None or args.dose_per_frame > 0, "--dose-per-frame must be > 0"),
+    ]
+    return next((msg for ok, msg in checks if not ok), None)
+
+
 def main(args: argparse.Namespace) -> int:
     """0 when every pair was evaluated, 1 when some failed, 2 when nothing could start."""
     from cryoden import evalreport, evaluation, io, runtime
-    from cryoden.train.pairs import find_pairs, half_shape
 
-    if args.patch_size is not None and args.patch_size < 1:
-        return _fail("options", "--patch-size must be >= 1")
+    problem = _check_options(args)
+    if problem:
+        return _fail("options", problem)
     try:
-        pairs = find_pairs(args.even, args.odd)
+        jobs = _jobs(args)
     except ValueError as e:
         return _fail(None, e)
     boxes = None
@@ -101,10 +134,10 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as e:
             return _fail(None, e)
     outdir = Path(args.output)
-    inputs = [p for pair in pairs for p in pair] + ([Path(args.boxes)] if args.boxes else [])
+    inputs = [p for job in jobs for p in job[1]] + [Path(a) for a in (args.boxes, args.gain) if a]
     for name in OUTPUTS:
         target = outdir / name
-        if any(target.exists() and os.path.samefile(target, p) for p in inputs):
+        if any(target.exists() and p.exists() and os.path.samefile(target, p) for p in inputs):
             return _fail(target, "is an input of this run: choose another output folder")
     try:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -115,27 +148,28 @@ def main(args: argparse.Namespace) -> int:
         devices = runtime.setup(args.device)
     except (RuntimeError, ValueError) as e:
         return _fail("--device", e)
-    shapes = {pair: half_shape(pair[0]) for pair in pairs}
     try:
-        methods = _methods(args, sorted({len(s) for s in shapes.values()}), devices)
+        methods = _methods(args, sorted({job[2] for job in jobs}), devices)
     except ValueError as e:
         return _fail("--model", e)
 
     say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
     t0 = time.perf_counter()
     results, failed = [], []
-    for i, (even, odd) in enumerate(pairs, 1):
-        ndim = len(shapes[(even, odd)])
-        say(f"cryoden: evaluate {even} + {odd} ({i}/{len(pairs)})")
+    for i, (name, paths, ndim) in enumerate(jobs, 1):
+        say(f"cryoden: evaluate {' + '.join(map(str, paths))} ({i}/{len(jobs)})")
         try:
-            results.append(_one(even, odd, methods[ndim], boxes, say))
+            results.append(_one(args, name, paths, methods[ndim], boxes, say))
         except (ValueError, OSError, MemoryError) as e:
-            failed.append((str(even), " ".join(str(e).split()) or type(e).__name__))
-            print(evaluation_line(even, e), file=sys.stderr)
+            failed.append((name, " ".join(str(e).split()) or type(e).__name__))
+            print(evaluation_line(name, e), file=sys.stderr)
     rows = [r for res in results for r in res.rows]
     summary = evaluation.summary(rows)
     evalreport.write_tsv(outdir / "metrics.tsv", rows + summary)
-    evalreport.write_json(outdir / "metrics.json", _record(args, pairs, results, summary, failed))
+    titration = [r for res in results for r in res.titration or []]
+    if args.dose_titration:
+        evalreport.write_titration(outdir / "titration.tsv", titration)
+    evalreport.write_json(outdir / "metrics.json", _record(args, results, summary, failed))
     if results:
         evalreport.write_report(outdir, results, summary, failed)
     for r in summary if len(results) > 1 else rows:
@@ -148,6 +182,25 @@ def evaluation_line(where, e: BaseException) -> str:
     from cryoden.infer import line
 
     return line(where, str(e) or type(e).__name__)
+
+
+def _jobs(args) -> list[tuple[str, list[Path], int]]:
+    """-> ``(name, input paths, ndim)`` per pair or movie; ValueError (one line) when halves do
+    not pair (as training pairs them) or a movie argument is not a movie."""
+    from cryoden.train.pairs import find_pairs, half_shape
+
+    if not args.movies:
+        return [(str(e), [e, o], len(half_shape(e))) for e, o in find_pairs(args.even, args.odd)]
+    from cryoden.movies import expand
+
+    jobs = []
+    for path, problem in expand(args.movies):
+        if problem:
+            raise ValueError(f"{path}: {problem}")
+        if not path.is_file():
+            raise ValueError(f"{path}: no such movie file")
+        jobs.append((str(path), [path], 2))
+    return jobs
 
 
 def _methods(args, ndims: list[int], devices) -> dict[int, list]:
@@ -167,32 +220,55 @@ def _methods(args, ndims: list[int], devices) -> dict[int, list]:
     return out
 
 
-def _one(even: Path, odd: Path, methods, boxes, say):
-    """Evaluate one pair -> PairResult (reads both halves whole, as float32)."""
+def _read(args, paths: list[Path]):
+    """-> (even, odd, MovieHalves or None): both halves whole, float32."""
     import numpy as np
 
-    from cryoden import evalreport, evaluation
     from cryoden.train.pairs import open_half
 
-    e = np.asarray(open_half(even), np.float32)
-    o = np.asarray(open_half(odd), np.float32)
-    for half, path in ((e, even), (o, odd)):
+    if len(paths) == 1:  # a movie
+        from cryoden.evalmovies import movie_halves
+
+        mh = movie_halves(
+            paths[0], gain=args.gain, pixel_size=args.pixel_size, titration=args.dose_titration
+        )
+        return mh.even, mh.odd, mh
+    halves = [np.asarray(open_half(p), np.float32) for p in paths]
+    for half, path in zip(halves, paths, strict=True):
         bad = int(np.count_nonzero(~np.isfinite(half)))
         if bad:
             raise ValueError(f"{path} contains {bad} NaN/Inf pixel(s)")
-    views = evalreport.Views(e)
+    return halves[0], halves[1], None
+
+
+def _one(args, name: str, paths: list[Path], methods, boxes, say):
+    """Evaluate one pair or movie -> PairResult (with its dose titration for a movie)."""
+    from cryoden import evalreport, evaluation
+
+    e, o, movie = _read(args, paths)
 
     def report(row):
         snr = row["split_snr_db"]
         say(f"cryoden:   {row['method']:>16}  split SNR {snr:7.2f} dB  ({row['seconds']:.1f} s)")
 
-    return evaluation.evaluate_pair(
-        str(even), e, o, methods, boxes=evaluation.boxes_for(boxes, even), view=views,
-        on_method=report,
+    result = evaluation.evaluate_pair(
+        name, e, o, methods, boxes=evaluation.boxes_for(boxes, paths[0]),
+        view=evalreport.Views(e), on_method=report,
     )  # fmt: skip
+    if movie is not None and movie.partial:
+        best = evaluation.best_baseline(result.rows)
+        chosen = [m for m in methods if m.kind != "baseline" or m.name == best]
+        rows = evaluation.dose_titration(movie.partial.get, o, sorted(movie.partial), chosen)
+        for r in rows:
+            r["file"] = name
+            r["frames"] = int(r["dose"])
+            dpf = args.dose_per_frame
+            r["dose"] = r["frames"] * dpf if dpf else math.nan
+        result.titration = rows
+    return result
 
 
-def _record(args, pairs, results, summary, failed) -> dict:
+def _record(args, results, summary, failed) -> dict:
     from cryoden import __version__
 
     return {
@@ -203,10 +279,10 @@ def _record(args, pairs, results, summary, failed) -> dict:
         "pairs": [
             {
                 "file": res.file,
-                "odd": str(dict(pairs).get(Path(res.file), "")),
                 "shape": list(res.shape),
                 "rows": res.rows,
                 "curves": res.curves,
+                "titration": res.titration,
             }
             for res in results
         ],

@@ -79,13 +79,14 @@ class PairResult:
     """Everything measured on one pair: ``rows`` (one dict per method: the metrics.tsv columns),
     ``curves`` (method -> ``{"freq", "frc", "signal"}`` lists, ``(n_shells,)`` each, plus
     ``"raw_frc"``: FRC(even, odd)), ``views`` (method -> whatever the ``view`` callback made of
-    its denoised even half)."""
+    its denoised even half), ``titration`` (rows of :func:`dose_titration`, or None)."""
 
     file: str
     shape: tuple[int, ...]
     rows: list[dict[str, Any]]
     curves: dict[str, Any]
     views: dict[str, Any]
+    titration: list[dict[str, Any]] | None = None
 
 
 def evaluate_pair(

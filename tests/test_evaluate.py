@@ -172,3 +172,40 @@ def test_tomogram_pair_gives_central_slices(tmp_path):
     assert "pictures/000_tomo_EVN_slices.png" in page.read_text()
     with Image.open(slices) as im:  # rows XY, XZ, YZ of raw | best low-pass
         assert im.size[0] > 2 * 48 and im.size[1] > 40 + 32 + 32
+
+
+def test_movies_dose_titration(tmp_path):
+    import mrcfile
+
+    from cryoden.simulate_movie import simulate_movie
+
+    sim = simulate_movie((96, 96), 12, seed=0, drift=5.0, margin=16, snr_db=3.0)
+    movie = tmp_path / "m.mrcs"
+    with mrcfile.new(movie) as m:
+        m.set_data(sim.frames.astype(np.uint16))
+        m.voxel_size = 1.5
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--movies", str(movie), "-m", "affine", "--dose-titration", "-q"]
+    assert main([*argv, "--dose-per-frame", "1.5", "-o", str(out)]) == 0
+    header, rows = read_tsv(out / "titration.tsv")
+    assert header == ["file", "method", "frames", "dose", "p", "snr_db"]
+    raw = [r for r in rows if r["method"] == "raw"]
+    frames = [int(r["frames"]) for r in raw]
+    assert frames[0] == 1 and frames[-1] == 6 and len(frames) >= 4
+    assert [float(r["dose"]) for r in raw] == [1.5 * f for f in frames]
+    snr = [float(r["snr_db"]) for r in raw]
+    assert all(b > a for a, b in zip(snr, snr[1:], strict=False))  # more dose, more signal
+    assert {r["method"] for r in rows} >= {"raw", "affine"} and len(
+        {r["method"] for r in rows}
+    ) == 3
+    # all six even frames: CCC(even sum, odd sum), i.e. raw's split SNR
+    _, metric_rows = read_tsv(out / "metrics.tsv")
+    assert snr[-1] == pytest.approx(float(metric_rows[0]["split_snr_db"]), abs=1e-3)
+    assert "pictures/000_m_titration.png" in (out / "report.html").read_text()
+
+
+def test_dose_titration_needs_movies(tmp_path, capsys):
+    even, odd = write_pairs(tmp_path, 1)
+    argv = ["evaluate", "--even", str(even), "--odd", str(odd), "--dose-titration"]
+    assert main([*argv, "-o", str(tmp_path / "eval")]) == 2
+    assert "--dose-titration needs --movies" in capsys.readouterr().err
