@@ -4,9 +4,11 @@ Examples:
   cryoden evaluate --even even/ --odd odd/ -o eval/                     default model + baselines
   cryoden evaluate --even even/ --odd odd/ -m unet -m runs/mine -o eval/
   cryoden evaluate --even a_EVN.mrc --odd a_ODD.mrc -m affine -o eval/ --boxes boxes.tsv
+  cryoden evaluate --movies movies/ --gain gain.mrc --dose-titration -o eval/
 
 Halves are paired exactly as 'cryoden train' pairs them (two folders matched by name, or two
-files). Each half of a pair goes through every method once: raw (the halves themselves), each
+files), or made from --movies (aligned; frames 1, 3, 5... and 2, 4, 6..., as 'cryoden movies'
+makes them). Each half of a pair goes through every method once: raw (the halves themselves), each
 --model exactly as given (default: unet for micrographs, unet-3d for tomograms), and the
 baselines lowpass-2/4/8/16 (hard low-pass by binning) and gaussian-1/2/4 (sigma in px) unless
 --no-baselines. Each processed half is compared with the RAW other half:
@@ -22,6 +24,9 @@ FRC curves and the per-frequency correlation with the signal are in metrics.json
 
 Writes OUTDIR/metrics.tsv (a row per file and method, then rows with file 'mean'),
 OUTDIR/metrics.json (the same plus the curves), OUTDIR/report.html and OUTDIR/pictures/*.png.
+--dose-titration (movies): the sums of the first k frames of the even half, through each
+model, raw and the best low-pass, scored against the whole odd half (one direction of the
+split SNR), in OUTDIR/titration.tsv and plotted.
 Box file (--boxes): one box per line, 'x y w h label [file]' separated by tabs, commas or
 spaces; label signal or background (the k-th signal box pairs with the k-th background box);
 file: the even half's name it applies to (default: every file); '#' lines are comments.
