@@ -36,7 +36,9 @@ removes the unfinished output, writes the record and exits with status 130 (143)
 
 Progress goes to stderr: bars on a terminal, plain lines in a log file; -q keeps only errors.
 OUTDIR/cryoden-infer.json records the version, command line, options and per-file outcome of
-the last run. Temporary files that a killed cryoden left in OUTDIR are removed by the next run.
+the last run. --preview adds OUTDIR/previews/<output name>.png per file (raw | denoised, binned;
+a failed preview is reported on one line and makes the exit status 1, the output stays).
+Temporary files that a killed cryoden left in OUTDIR are removed by the next run.
 Environment: CRYODEN_MEMORY_BUDGET (bytes, or with a K, M, G or T suffix) caps the memory of one
 tile batch (default: 60% of an accelerator's memory, 40% of RAM on CPU); CRYODEN_CACHE_DIR is
 where compiled kernels are cached.
@@ -145,6 +147,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--skip-existing",
         action="store_true",
         help="skip inputs whose output exists (default: off, existing outputs are replaced)",
+    )
+    a.add_argument(
+        "--preview",
+        action="store_true",
+        help="also write OUTDIR/previews/<output name>.png: raw | denoised, binned to at most "
+        "1024 px (stacks: the central slice; volumes: central XY, XZ, YZ slices) "
+        "(default: off)",
     )
     a.add_argument(
         "-q",
@@ -380,6 +389,13 @@ def _main(args: argparse.Namespace) -> int:
     outdir = Path(args.output)
     jobs = outputs.plan(args.inputs, outdir, args.format, args.suffix, args.skip_existing)
     clash = outputs.conflicts(jobs, outdir / RECORD)
+    if args.preview and not clash:  # previews may not replace inputs either
+        import dataclasses
+
+        from cryoden import preview
+
+        shown = [dataclasses.replace(j, out=preview.path_for(outdir, j.out)) for j in jobs if j.out]
+        clash = outputs.conflicts(shown, outdir / RECORD)
     if clash:
         error(None, clash)
         return 2
@@ -391,6 +407,16 @@ def _main(args: argparse.Namespace) -> int:
     except OSError as e:
         error(outdir, f"cannot write to the output directory: {e.strerror or e}")
         return 2
+    if args.preview:
+        from cryoden import preview
+
+        folder = outdir / preview.PREVIEWS
+        try:
+            folder.mkdir(exist_ok=True)
+            io.new_temporary(folder / "cryoden-probe").unlink()
+        except OSError as e:
+            error(folder, f"cannot write the previews folder: {e.strerror or e}")
+            return 2
 
     from cryoden import runtime, weights
     from cryoden.inference import memory_budget
@@ -408,6 +434,8 @@ def _main(args: argparse.Namespace) -> int:
         error(None, e)
         return 2
     stale = io.remove_stale_temporaries(outdir, keep=[j.src for j in jobs])
+    if args.preview:
+        stale += io.remove_stale_temporaries(outdir / preview.PREVIEWS, keep=[j.src for j in jobs])
     if stale and not args.quiet:
         names = ", ".join(p.name for p in stale[:3]) + (", ..." if len(stale) > 3 else "")
         print(f"cryoden: removed {len(stale)} stale temporary file(s): {names}", file=sys.stderr)
@@ -470,8 +498,25 @@ def _run(args, jobs, run: Runner, show, log: list[dict], budget: int) -> None:
             msg = _problem(e, stage, budget)
             show.error(line(job.src, msg))
             entry.update(status="failed", error=msg)
+        else:
+            if args.preview:
+                _preview(img, y, job, entry, show)
         finally:
             show.file_done()
+
+
+def _preview(img, y, job, entry: dict, show) -> None:
+    """Write the preview of a denoised file; a failure is reported, the output stays."""
+    from cryoden import preview
+
+    path = preview.path_for(job.out.parent, job.out)
+    try:
+        preview.write(img.data, y, img.kind, path, title=job.out.name)
+        entry["preview"] = str(path)
+    except Exception as e:  # the denoised file is fine: report, count as a failure, go on
+        msg = f"preview not written: {_problem(e, 'writing the preview', None)}"
+        show.error(line(job.src, msg))
+        entry["preview_error"] = msg
 
 
 def _finish(args, devices, log, outdir: Path, seconds: float, stopped, show) -> int:
@@ -507,7 +552,7 @@ def _finish(args, devices, log, outdir: Path, seconds: float, stopped, show) -> 
         show.error(f"cryoden: interrupted by {stopped}{during}: {summary}; see {outdir / RECORD}")
         return EXIT_SIGNAL[stopped]
     show.say(f"cryoden: {summary}")
-    return 1 if counts["failed"] else 0
+    return 1 if counts["failed"] or any("preview_error" in e for e in log) else 0
 
 
 if __name__ == "__main__":

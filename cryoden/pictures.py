@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from . import io
 
@@ -28,6 +29,7 @@ Limits = tuple[float, float]
 _DPI = 100
 _LABEL_PX = 18  # height of the text line above each panel
 _GAP_PX = 4
+_CHAR_PX = 7  # generous width of one character of the 9 pt label font at 100 dpi
 
 
 def contrast(images: Sequence[np.ndarray] | np.ndarray, clip: float = 3.0) -> Limits:
@@ -200,10 +202,15 @@ def montage(
     grid = _limits_grid(rows, limits, clip)
     ncol = max(len(r) for r in rows)
     col_w = [max((r[c].shape[1] for r in rows if c < len(r)), default=0) for c in range(ncol)]
+    for row_labels in labels or []:  # a column is at least as wide as its labels
+        for c, text in enumerate(row_labels[:ncol]):
+            col_w[c] = max(col_w[c], _CHAR_PX * len(text) + 2)
     row_h = [max(im.shape[0] for im in r) for r in rows]
     top = _LABEL_PX + (_LABEL_PX if title else 0)
     width = sum(col_w) + _GAP_PX * (ncol + 1)
     height = sum(row_h) + (_LABEL_PX + _GAP_PX) * len(rows) + _GAP_PX + (top - _LABEL_PX)
+    if title:
+        width = max(width, _CHAR_PX * 11 // 9 * len(title) + 2 * _GAP_PX)
     fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor="white")
     if title:
         fig.text(0.5, 1 - 2 / height, title, ha="center", va="top", fontsize=10)
@@ -215,14 +222,8 @@ def montage(
             h, w = im.shape
             ax = fig.add_axes([x / width, (y + row_h[r] - h) / height, w / width, h / height])
             lo, hi = grid[r][c]
-            ax.imshow(
-                to_uint8(im, lo, hi),
-                cmap="gray",
-                vmin=0,
-                vmax=255,
-                interpolation="nearest",
-                aspect="auto",
-            )
+            grey = np.repeat(to_uint8(im, lo, hi)[..., None], 3, axis=-1)  # RGB: no colormap
+            ax.imshow(grey, interpolation="nearest", aspect="auto")  # 1 image px = 1 screen px
             ax.set_axis_off()
             text = labels[r][c] if labels and c < len(labels[r]) else ""
             fig.text(
@@ -289,6 +290,8 @@ def plot_curves(
         ax.axhline(hline, color="grey", linestyle="--", linewidth=0.8)
     if logy:
         ax.set_yscale("log")
+    if all(float(v).is_integer() for v in _all_x(xs, ys_by_label)):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -298,6 +301,14 @@ def plot_curves(
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _all_x(xs, ys_by_label) -> np.ndarray:
+    """Every finite x value of the curves, flattened."""
+    keys = list(ys_by_label) if isinstance(xs, Mapping) else [None]
+    parts = [np.ravel(np.asarray(xs[k] if k is not None else xs, np.float64)) for k in keys]
+    x = np.concatenate(parts) if parts else np.zeros(0)
+    return x[np.isfinite(x)]
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:

@@ -109,6 +109,8 @@ class RunConfig:
     save_every_steps: int | None = None  # extra checkpoints within epochs
     async_save: bool = True
     progress: bool = True
+    patience: int | None = None  # stop after this many epochs without a better validation loss
+    preview: bool = True  # RUN/previews/epochNNN.png and RUN/report.html every epoch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +164,10 @@ class Config:
             (o.lr > 0, "optim.lr must be positive"),
             (r.epochs > 0 and (r.steps is None or r.steps > 0), "epochs/steps must be positive"),
             (r.keep_latest >= 1 and r.keep_best >= 0, "run.keep_latest >= 1, keep_best >= 0"),
+            (
+                r.patience is None or r.patience >= 1,
+                f"run.patience {r.patience} must be at least 1 epoch",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -302,6 +308,8 @@ RESUMABLE = {
         "async_save",
         "progress",
         "out",
+        "patience",
+        "preview",
     },
     "data": {"num_workers", "even", "odd", "movies", "gain"},
 }
@@ -346,6 +354,8 @@ FLAGS = {
     "keep": ("run", "keep_latest"),
     "keep_best": ("run", "keep_best"),
     "save_every": ("run", "save_every_steps"),
+    "patience": ("run", "patience"),
+    "preview": ("run", "preview"),
 }
 
 
