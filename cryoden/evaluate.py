@@ -149,6 +149,7 @@ def main(args: argparse.Namespace) -> int:
         io.new_temporary(outdir / "cryoden-probe").unlink()
     except OSError as e:
         return _fail(outdir, f"cannot write to the output folder: {e.strerror or e}")
+    io.remove_stale_temporaries(outdir, keep=inputs)
     try:
         devices = runtime.setup(args.device)
     except (RuntimeError, ValueError) as e:
@@ -177,6 +178,8 @@ def main(args: argparse.Namespace) -> int:
     evalreport.write_json(outdir / "metrics.json", _record(args, results, summary, failed))
     if results:
         evalreport.write_report(outdir, results, summary, failed)
+    else:  # no pair evaluated: a report of an earlier run must not pass for this one
+        (outdir / "report.html").unlink(missing_ok=True)
     for r in summary if len(results) > 1 else rows:
         say(f"cryoden: {r['method']:>16}  split SNR {r['split_snr_db']:7.2f} dB")
     say(f"cryoden: {len(results)} pair(s) in {time.perf_counter() - t0:.1f} s -> {outdir}")

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from browser import check_pages
 from conftest import new_mrc
 from PIL import Image
 
@@ -90,6 +91,8 @@ def test_tables_json_and_report(tmp_path, capsys):
             im.load()
             assert im.size[0] > 50
     assert any(s.endswith("_crops.png") for s in srcs)
+    (page,) = check_pages([out / "report.html"])  # real headless Chromium
+    assert page.problems == [] and len(page.images) == len(srcs)
 
 
 def test_a_failing_pair_is_one_line_and_the_others_go_on(tmp_path, capsys):
