@@ -7,6 +7,7 @@ examples:
   cryoden movies movies/*.tif -o aligned/ --gain gain.mrc   align movies, write even/odd sums
   cryoden train --even even/ --odd odd/ --out runs/mine     train on your own even/odd halves
   cryoden infer micrographs/*.mrc -o denoised/ --model runs/mine
+  cryoden evaluate --even even/ --odd odd/ -m unet -m runs/mine -o eval/   compare: split SNR
   cryoden convert model_epoch100.sav -o model.npz           use a model trained with Topaz
 
 'cryoden COMMAND --help' describes a command and its options. The README and the docs/ folder
