@@ -40,12 +40,17 @@ def bench(args) -> None:
         t0 = time.perf_counter()
         even, odd = simulate.write_halves(tmp / "data", args.pairs, (args.size,) * 2, 2, 0)
         print(f"simulated {args.pairs} pairs of {args.size}^2 in {time.perf_counter() - t0:.0f} s")
+        halves = tmp / "halves"  # one folder, NAME_EVN.mrc / NAME_ODD.mrc: one infer per model
+        halves.mkdir()
+        for folder, token in ((even, "EVN"), (odd, "ODD")):
+            for f in sorted(folder.iterdir()):
+                f.rename(halves / f"{f.stem}_{token}{f.suffix}")
         py = [sys.executable, "-m", "cryoden"]
         models = [x for m in args.model for x in ("-m", m)]
         alone = 0.0
         for m in args.model:  # each model alone denoises every half
-            alone += _run([*py, "infer", str(even), str(odd), "-m", m, "-o", str(tmp / m), "-q"])
-        ev = _run([*py, "evaluate", "--even", str(even), "--odd", str(odd), *models,
+            alone += _run([*py, "infer", str(halves), "-m", m, "-o", str(tmp / m), "-q"])
+        ev = _run([*py, "evaluate", "--even", str(halves), "--odd", str(halves), *models,
                    "-o", str(tmp / "eval"), "-q"])  # fmt: skip
         print(f"models alone (cryoden infer, {len(args.model)} runs): {alone:.1f} s")
         print(f"cryoden evaluate (2 models + {7} baselines, report): {ev:.1f} s")
