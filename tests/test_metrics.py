@@ -25,7 +25,7 @@ def paper_split_snr_db(d_even, d_odd, even, odd):
     return float(np.mean(out))
 
 
-@pytest.mark.parametrize("name", ["raw", "affine"])  # unet: tests/test_evaluate.py
+@pytest.mark.parametrize("name", ["raw", "affine"])  # unet too: tests/test_evaluate.py
 def test_split_snr_equals_the_papers_definition(halves, name):
     even, odd = halves["even"], halves["odd"]
     if name == "raw":
