@@ -2,7 +2,8 @@
 
 bench (default): N simulated pairs of SIZE^2 micrographs; wall time of ``cryoden evaluate`` with
 two models and the baselines against ``cryoden infer`` of both halves with each model alone
-(separate processes, each loading and compiling its models; the target is a ratio <= 2)::
+(separate processes, each loading and compiling its models, compilation cache off; the target
+is a ratio <= 2)::
 
     python scripts/bench_evaluate.py bench --pairs 2 --size 4096 -m unet -m unet-v0.2.1
 
@@ -17,6 +18,7 @@ for training on a CPU); prints the Markdown table of docs/evaluate.md::
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,8 +29,10 @@ import numpy as np
 
 
 def _run(cmd: list[str]) -> float:
+    """Wall time of ``cmd``, with the persistent compilation cache off (every run compiles)."""
+    env = {**os.environ, "CRYODEN_CACHE_DIR": ""}
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - t0
 
 
