@@ -95,6 +95,7 @@ def test_tables_json_and_report(tmp_path, capsys):
     assert page.problems == [] and len(page.images) == len(srcs)
 
 
+@pytest.mark.filterwarnings("ignore:Data array contains NaN values")
 def test_a_failing_pair_is_one_line_and_the_others_go_on(tmp_path, capsys):
     even, odd = write_pairs(tmp_path, 2)
     bad = np.ones((64, 64), np.float32)
