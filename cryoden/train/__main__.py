@@ -7,6 +7,8 @@ Examples:
   cryoden train --even even/ --odd odd/ --out runs/ft --init unet --loss L1 --epochs 20
   # 3D from half tomograms (preset train-3d is picked for 3D data)
   cryoden train --even tomo_half1.rec --odd tomo_half2.rec --out runs/tomo
+  # straight from movies: fresh random halves of each movie's frames every epoch
+  cryoden train --movies 'movies/*.tif' --gain gain.mrc --out runs/movies --init unet
   # use the result
   cryoden infer --model runs/mydata micrographs/*.mrc -o denoised/
 
@@ -41,15 +43,38 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--even",
         "-a",
-        required=True,
         help="even halves: a directory (paired with --odd by name), or a file",
     )
     g.add_argument(
         "--odd",
         "-b",
-        required=True,
         help="odd halves, paired with --even by name (identical names, or names differing by "
         "an EVN/ODD, even/odd or half1/half2 token)",
+    )
+    g.add_argument(
+        "--movies",
+        metavar="DIR|GLOB",
+        help="train straight from movies (MRC, TIFF, EER) instead of --even/--odd: each is "
+        "aligned once and split into two halves of its frames afresh for every sample",
+    )
+    g.add_argument("--gain", metavar="F", help="gain reference of --movies (MRC or TIFF)")
+    g.add_argument(
+        "--gain-rot",
+        type=int,
+        choices=range(4),
+        help="rotate the gain by 90 degrees this many times (RELION's --gain_rot); default: 0",
+    )
+    g.add_argument(
+        "--gain-flip",
+        type=int,
+        choices=range(3),
+        help="flip the gain: 1 upside down, 2 left to right (RELION's --gain_flip); default: 0",
+    )
+    g.add_argument(
+        "--split",
+        choices=["random", "even-odd"],
+        help="how --movies frames form two halves: random (fresh equal halves each sample) or "
+        f"even-odd (the paper's pairs); {dflt('data', 'split')}",
     )
     g.add_argument("--out", "-o", required=True, metavar="RUN", help="run directory")
     g.add_argument("--crop", type=int, help=f"training crop edge in pixels; {dflt('data', 'crop')}")

@@ -60,10 +60,18 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Paired halves and sampling. ``batch_size`` is global (all devices of all processes)."""
+    """Paired halves (or movies) and sampling. ``batch_size`` is global (all devices of all
+    processes). ``movies``: a folder or glob of movies to train from instead of ``even``/``odd``
+    (with ``gain``, ``gain_rot``, ``gain_flip`` as in RELION, and ``split``: ``random`` or
+    ``even-odd`` partitions of each movie's frames)."""
 
     even: str = ""
     odd: str = ""
+    movies: str = ""
+    gain: str | None = None
+    gain_rot: int = 0
+    gain_flip: int = 0
+    split: str = "random"
     crop: int = 800
     batch_size: int = 4
     val_batch_size: int | None = None  # default: batch_size
@@ -138,6 +146,14 @@ class Config:
                 "data.val_batch_size must be positive",
             ),
             (d.num_workers >= 0, f"data.num_workers {d.num_workers} must be >= 0"),
+            (d.split in ("random", "even-odd"), f"data.split {d.split!r}: random or even-odd"),
+            (
+                not (d.movies and (d.even or d.odd)),
+                "give either --movies or --even/--odd, not both",
+            ),
+            (not d.gain or d.movies, "--gain applies to --movies only"),
+            (0 <= d.gain_rot <= 3, f"data.gain_rot {d.gain_rot} must be 0..3"),
+            (0 <= d.gain_flip <= 2, f"data.gain_flip {d.gain_flip} must be 0..2"),
             (
                 o.weight_decay >= 0 and o.momentum >= 0,
                 "optim.weight_decay and momentum must be >= 0",
@@ -300,7 +316,7 @@ RESUMABLE = {
         "patience",
         "preview",
     },
-    "data": {"num_workers", "even", "odd"},
+    "data": {"num_workers", "even", "odd", "movies", "gain"},
 }
 
 
@@ -319,6 +335,11 @@ def resume_conflicts(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
 FLAGS = {
     "even": ("data", "even"),
     "odd": ("data", "odd"),
+    "movies": ("data", "movies"),
+    "gain": ("data", "gain"),
+    "gain_rot": ("data", "gain_rot"),
+    "gain_flip": ("data", "gain_flip"),
+    "split": ("data", "split"),
     "out": ("run", "out"),
     "init": ("model", "init"),
     "dtype": ("model", "dtype"),
@@ -351,10 +372,13 @@ def from_args(args: Any) -> Config:
     """
     from pathlib import Path as _P
 
+    movies = getattr(args, "movies", None)
+    if not movies and not (args.even and args.odd):
+        raise ValueError("no training data: give --even and --odd, or --movies")
     arch = arch_fields(args.arch) if args.arch else None
     preset = args.config
     if preset is None:
-        ndim = arch["ndim"] if arch else _data_ndim(args.even, args.odd)
+        ndim = arch["ndim"] if arch else 2 if movies else _data_ndim(args.even, args.odd)
         preset = "train-3d" if ndim == 3 else "train-2d"
     cfg = merge(Config(), load_preset(preset))
     cfg = merge(cfg, parse_set(args.set or []))
@@ -363,7 +387,13 @@ def from_args(args: Any) -> Config:
         v = getattr(args, dest, None)
         if v is not None:
             over.setdefault(section, {})[key] = v
-    for section, key in (("data", "even"), ("data", "odd"), ("run", "out")):
+    for section, key in (
+        ("data", "even"),
+        ("data", "odd"),
+        ("data", "movies"),
+        ("data", "gain"),
+        ("run", "out"),
+    ):
         if key in over.get(section, {}):
             over[section][key] = str(_P(over[section][key]).absolute())
     from cryoden import weights

@@ -83,8 +83,9 @@ class _Halves:
     def __getstate__(self):
         return {**self.__dict__, "_maps": {}}
 
-    def crop(self, j: int, origin: Sequence[int], crop: int) -> np.ndarray:
-        """Normalised window of both halves of pair ``j``: ``(2, *[crop]*ndim)`` float32."""
+    def crop(self, j: int, origin: Sequence[int], crop: int, sample=None) -> np.ndarray:
+        """Normalised window of both halves of pair ``j``: ``(2, *[crop]*ndim)`` float32.
+        ``sample`` (``(seed, epoch, k)``, for sources that draw halves per sample) is unused."""
         if j not in self._maps:
             self._maps[j] = tuple(open_half(p) for p in self.pairs[j])
         window = tuple(slice(o, o + crop) for o in origin)
@@ -118,7 +119,8 @@ class _Sampler:
         flips = rng.integers(0, 2, size=self.ndim)
         turns = rng.integers(0, 4, size=len(_planes(self.ndim)))
         swap = bool(rng.integers(0, 2))
-        x = self.halves.crop(j, origin, self.crop)  # (2, *crop): same transform for both halves
+        # (2, *crop): same transform for both halves; a movie source draws the halves' frames
+        x = self.halves.crop(j, origin, self.crop, sample=(self.seed, epoch, pos))
         if self.augment:
             for ax in np.flatnonzero(flips):
                 x = np.flip(x, axis=int(ax) + 1)
@@ -148,8 +150,10 @@ def train_dataset(
 ) -> grain.IterDataset:
     """Infinite stream of this process's training batches (see the module docstring).
 
-    pairs: ``(even, odd)`` paths; ndim: 2 or 3; crop: cube edge in pixels; batch_size: the GLOBAL
-    batch ``B`` (this process yields ``B / process_count``); seed: in ``[0, 2**32)``;
+    pairs: ``(even, odd)`` paths, or a prepared source of halves such as
+    :class:`cryoden.train.moviedata.MovieSource`; ndim: 2 or 3; crop: cube edge in pixels;
+    batch_size: the GLOBAL batch ``B`` (this process yields ``B / process_count``); seed: in
+    ``[0, 2**32)``;
     samples_per_epoch: ``N`` (see :func:`default_samples_per_epoch`); augment: random flips and
     90° rotations; swap: random swap of source and target; num_workers: grain worker processes
     (0: threads in this process). The stream does not depend on ``num_workers``.
@@ -172,10 +176,10 @@ def train_dataset(
         )
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    check_crop(pairs, crop, ndim)
+    halves = _source(pairs, crop, ndim)
     local = batch_size // process_count
     sampler = _Sampler(
-        _Halves(pairs),
+        halves,
         ndim=ndim,
         crop=crop,
         seed=seed,
@@ -236,9 +240,20 @@ def val_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
-    check_crop(pairs, crop, ndim)
-    halves = _Halves(pairs) if pairs else None
+    halves = _source(pairs, crop, ndim) if len(pairs) else None
     return _val_iter(halves, crop, batch_size)
+
+
+def _source(pairs, crop: int, ndim: int):
+    """Half-file pairs -> a checked :class:`_Halves`; a prepared source (has ``crop``) as is,
+    its windows checked against ``crop``."""
+    if hasattr(pairs, "crop"):
+        small = [(p, s) for p, s in zip(pairs.pairs, pairs.shapes, strict=True) if min(s) < crop]
+        if small:
+            raise ValueError(f"crop {crop} is larger than {small[0][0]} of shape {small[0][1]}")
+        return pairs
+    check_crop(pairs, crop, ndim)
+    return _Halves(pairs)
 
 
 def _val_iter(halves: _Halves | None, crop: int, batch_size: int) -> Iterator[dict]:

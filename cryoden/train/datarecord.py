@@ -42,6 +42,9 @@ def difference(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> str | 
     for i, (a, b) in enumerate(zip(saved, now, strict=True)):
         if a == b:
             continue
+        if "even" not in a or "even" not in b:  # movie runs: {"movie" or "gain": name, ...}
+            then, now = _item(a), _item(b)
+            return f"{then} then, {now} now" if then != now else f"the contents of {now} changed"
         for side in ("even", "odd"):
             if a.get(side) != b.get(side):
                 return f"pair {i + 1}: {side} half {a.get(side)} then, {b.get(side)} now"
@@ -52,6 +55,12 @@ def difference(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> str | 
                 )
         return f"pair {i + 1}: the contents of {b['even']} / {b['odd']} changed"
     return None
+
+
+def _item(entry: dict[str, Any]) -> str:
+    """``'movie m1.tif (123 bytes)'`` for an entry of a movie run's record."""
+    kind = next((k for k in ("movie", "gain", "even") if k in entry), "?")
+    return f"{kind} {entry.get(kind)} ({entry.get('size', entry.get('even_size'))} bytes)"
 
 
 def check(run: Path, record: list[dict[str, Any]]) -> bool:

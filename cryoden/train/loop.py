@@ -46,7 +46,7 @@ import numpy as np
 import cryoden
 from cryoden import weights
 from cryoden.models import init_params
-from cryoden.train import checkpoint, data, datarecord, mesh, step
+from cryoden.train import checkpoint, data, datarecord, mesh, moviedata, step
 from cryoden.train.config import Config, resume_conflicts
 
 log = logging.getLogger("cryoden.train")
@@ -185,36 +185,50 @@ def train(cfg: Config, command: list[str] | None = None, on_epoch=None) -> dict[
     log.info("mesh: %s", mesh.describe(devices))
 
     # ------------------------------------------------------------------ data
-    pairs = data.find_pairs(d.even, d.odd)
-    train_pairs, val_pairs = data.split_holdout(pairs, d.holdout, cfg.run.seed)
-    first = data.open_half(train_pairs[0][0])
-    if first.ndim != spec.ndim:
-        raise ValueError(
-            f"{train_pairs[0][0]}: {first.ndim}D data for a {spec.ndim}D model "
-            f"({spec.arch}); pick a {first.ndim}D --arch/--config"
-        )
-    data.check_crop(train_pairs + val_pairs, d.crop, spec.ndim)
-    data.check_stats(pairs)  # constant or non-finite halves, before the first epoch ends
-    record = datarecord.describe(pairs)
+    if d.movies:  # movies: checked now, aligned and cached into RUN/movies once RUN is set up
+        gain = moviedata.GainSpec(d.gain, d.gain_rot, d.gain_flip)
+        pairs = moviedata.find_movies(d.movies)
+        train_pairs, val_pairs = data.split_holdout(pairs, d.holdout, cfg.run.seed)
+        if spec.ndim != 2:
+            raise ValueError(f"--movies gives 2D images: a {spec.ndim}D model cannot train on them")
+        moviedata.check_movies(pairs, gain, d.crop)
+        record = moviedata.describe(pairs, gain)
+    else:
+        pairs = data.find_pairs(d.even, d.odd)
+        train_pairs, val_pairs = data.split_holdout(pairs, d.holdout, cfg.run.seed)
+        first = data.open_half(train_pairs[0][0])
+        if first.ndim != spec.ndim:
+            raise ValueError(
+                f"{train_pairs[0][0]}: {first.ndim}D data for a {spec.ndim}D model "
+                f"({spec.arch}); pick a {first.ndim}D --arch/--config"
+            )
+        data.check_crop(train_pairs + val_pairs, d.crop, spec.ndim)
+        data.check_stats(pairs)  # constant or non-finite halves, before the first epoch ends
+        record = datarecord.describe(pairs)
+    train_source, val_source = train_pairs, val_pairs
     samples_per_epoch = len(train_pairs) * d.samples_per_pair
     steps_per_epoch = max(1, math.ceil(samples_per_epoch / d.batch_size))
     total_steps = cfg.run.steps or cfg.run.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
-    iterator = iter(
-        data.train_dataset(
-            train_pairs,
-            ndim=spec.ndim,
-            crop=d.crop,
-            batch_size=d.batch_size,
-            seed=cfg.run.seed,
-            samples_per_epoch=samples_per_epoch,
-            augment=d.augment,
-            swap=d.swap,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            num_workers=d.num_workers,
+
+    def make_iterator():
+        return iter(
+            data.train_dataset(
+                train_source,
+                ndim=spec.ndim,
+                crop=d.crop,
+                batch_size=d.batch_size,
+                seed=cfg.run.seed,
+                samples_per_epoch=samples_per_epoch,
+                augment=d.augment,
+                swap=d.swap,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                num_workers=d.num_workers,
+            )
         )
-    )
+
+    iterator = None if d.movies else make_iterator()
     log.info(
         "data: %d training / %d validation pairs; %d steps per epoch of %d crops %s; "
         "%d steps in %d epochs",
@@ -246,6 +260,11 @@ def train(cfg: Config, command: list[str] | None = None, on_epoch=None) -> dict[
     # ------------------------------------------------------------------ run directory
     has_record = _check_run_dir(cfg, record)
     out = _setup_run_dir(cfg, record, has_record, command)
+    if d.movies:
+        train_source, val_source = moviedata.prepare(
+            train_pairs, val_pairs, gain, out, split=d.split, seed=cfg.run.seed
+        )
+        iterator = make_iterator()
 
     # ------------------------------------------------------------------ state (born replicated)
     optimizer = step.make_optimizer(cfg.optim)
@@ -346,7 +365,7 @@ def train(cfg: Config, command: list[str] | None = None, on_epoch=None) -> dict[
     def validate(params) -> float:
         sums = [
             eval_step(params, mesh.global_batch(mesh.local_slice(b), devices))
-            for b in data.val_batches(val_pairs, ndim=spec.ndim, crop=d.crop, batch_size=val_bs)
+            for b in data.val_batches(val_source, ndim=spec.ndim, crop=d.crop, batch_size=val_bs)
         ]
         s = mesh.to_host(sums)
         return float(

@@ -1,0 +1,431 @@
+"""Motion correction of movie frames: global (and optional local) shifts, aligned sums.
+
+Conventions
+-----------
+Frames are ``(H, W)`` float32 images, indexed ``0 .. N-1``. A shift ``s = (sx, sy)`` (pixels of the
+delivered frames) is the translation *applied to a frame* to align it, RELION's sign convention for
+``rlnMicrographShiftX/Y``: the aligned frame is ``aligned(x, y) = frame(x - sx, y - sy)``,
+applied in Fourier space as ``F(k) * exp(-2 pi i (kx sx + ky sy))``. A particle that drifted by
+``+d`` during the exposure therefore has shift ``-d``.
+Shifts are relative to the first frame (``shifts[0] = 0``).
+
+Global alignment (:func:`estimate_shifts`): frames are read once, binned (block mean) to at most
+about 1024 pixels on the long side, Fourier transformed, and kept on the device. Each iteration
+correlates every frame (or a window of ``group`` neighbouring frames) with the sum of all the
+others, after the current shifts, weighted by ``exp(-B k^2 / 4)`` (``B`` in Å^2, ``k`` in 1/Å);
+the correlation peak is located to subpixel precision by a parabola through its neighbours, and the
+residual shifts are added until they all change by less than ``tolerance`` pixels. The per-frame
+shifts are then smoothed in frame number by a penalised least-squares (Whittaker) smoother whose
+strength is chosen by generalised cross-validation.
+
+Local motion (``patches=(nx, ny)``): see :mod:`cryoden.align_local`.
+
+Sums (:func:`aligned_sum`, :func:`aligned_sums`) stream the frames again at full size and apply
+the subpixel shifts in Fourier space (no interpolation, noise stays white); the same shifts are used
+for any subset of frames, so ``aligned_sum(even) + aligned_sum(odd) == aligned_sum(all)``.
+
+Dose weighting (:func:`dose_weights`): Grant & Grigorieff (2015) critical exposure, as RELION
+implements it (dose at the end of each frame; 200 kV and 100 kV doses divided by 0.8 and 0.64), with
+the weights normalised so that ``sum_i w_i(k)^2 = N`` at every frequency (RELION's normalisation
+times ``sqrt(N)``, which keeps the sum's mean equal to the plain sum's).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_BINNED = 1024  # default binning keeps the long side of binned frames at or below this
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Shifts of every frame: ``shifts`` (N, 2) float64 ``(x, y)`` pixels, RELION's sign convention.
+
+    ``local``: a :class:`cryoden.align_local.LocalModel` when patches were requested, else None.
+    """
+
+    shifts: np.ndarray
+    local: object | None = None
+
+
+@dataclass(frozen=True)
+class DoseWeighting:
+    """Parameters of dose weighting: pixel size (Å), dose per frame (e/Å^2), pre-exposure, kV."""
+
+    pixel_size: float
+    dose_per_frame: float
+    pre_exposure: float = 0.0
+    voltage: float = 300.0
+
+
+def frame_count(frames) -> int:
+    """Number of frames of a Movie or a sequence."""
+    return len(frames)
+
+
+def get_frame(frames, i: int) -> np.ndarray:
+    """Frame ``i`` of a Movie (``.frame(i)``) or of a sequence (``[i]``), as (H, W) float32."""
+    f = frames.frame(i) if hasattr(frames, "frame") else frames[i]
+    return np.asarray(f, dtype=np.float32)
+
+
+def _pixel_size(frames, pixel_size):
+    if pixel_size is not None:
+        return float(pixel_size)
+    info = getattr(frames, "info", None)
+    ps = getattr(info, "pixel_size", None)
+    return float(ps) if ps else 1.0
+
+
+def auto_binning(shape: Sequence[int]) -> int:
+    """Integer binning that brings the long side of ``shape`` to at most ``MAX_BINNED`` pixels."""
+    return max(1, math.ceil(max(shape) / MAX_BINNED))
+
+
+def bin_frame(frame: np.ndarray, b: int) -> np.ndarray:
+    """Block mean over ``b x b`` pixels: (H, W) -> (H // b, W // b) float32 (edges cropped)."""
+    if b == 1:
+        return np.asarray(frame, np.float32)
+    h, w = frame.shape[0] // b, frame.shape[1] // b
+    return frame[: h * b, : w * b].reshape(h, b, w, b).mean(axis=(1, 3), dtype=np.float32)
+
+
+def _freqs(h: int, w: int):
+    """Spatial frequencies (cycles/pixel) of the ``rfft2`` grid: ky (h, 1), kx (1, w//2+1)."""
+    ky = jnp.fft.fftfreq(h).astype(jnp.float32)[:, None]
+    kx = jnp.fft.rfftfreq(w).astype(jnp.float32)[None, :]
+    return ky, kx
+
+
+def phase_ramp(shifts, h: int, w: int):
+    """``exp(-2 pi i (kx sx + ky sy))`` for shifts (..., 2) -> (..., h, w//2+1) complex64."""
+    ky, kx = _freqs(h, w)
+    s = jnp.asarray(shifts, jnp.float32)
+    phase = kx * s[..., 0, None, None] + ky * s[..., 1, None, None]
+    return jnp.exp(-2j * jnp.pi * phase).astype(jnp.complex64)
+
+
+def bfactor_weight(h: int, w: int, bfactor: float, pixel_size: float):
+    """``exp(-B k^2 / 4)`` on the rfft2 grid, ``k`` in 1/Å for pixels of ``pixel_size`` Å."""
+    ky, kx = _freqs(h, w)
+    k2 = (kx * kx + ky * ky) / pixel_size**2
+    return jnp.exp(-bfactor * k2 / 4).astype(jnp.float32)
+
+
+def edge_taper(h: int, w: int, width: float = 0.08):
+    """Separable raised-cosine window, 1 inside and falling to 0 over ``width`` of each side."""
+
+    def ramp(n):
+        m = max(1, int(round(width * n)))
+        r = np.ones(n)
+        edge = 0.5 - 0.5 * np.cos(np.pi * (np.arange(m) + 0.5) / m)
+        r[:m], r[n - m :] = edge, edge[::-1]
+        return r
+
+    return jnp.asarray(np.outer(ramp(h), ramp(w)), jnp.float32)
+
+
+@partial(jax.jit, static_argnames=("w",))
+def _spectra(binned, w):
+    """rfft2 of mean-subtracted, edge-tapered binned frames: (N, h, w) -> (N, h, w//2+1).
+
+    The taper keeps the frame borders (at the same place in every frame) from correlating.
+    """
+    x = binned - binned.mean(axis=(1, 2), keepdims=True)
+    return jnp.fft.rfft2(x * edge_taper(binned.shape[1], w), s=(binned.shape[1], w))
+
+
+def _group_sums(aligned, group: int):
+    """Sums of consecutive, non-overlapping groups of ``group`` frames: (N, ..) -> (G, ..)."""
+    n = aligned.shape[0]
+    ids = jnp.arange(n) // group
+    return jax.ops.segment_sum(aligned, ids, num_segments=-(-n // group))
+
+
+def _peaks(cc, radius: float):
+    """Subpixel argmax of each correlation map within ``radius`` of the origin (wrapped).
+
+    cc: (N, h, w) float32 -> (N, 2) float32 ``(x, y)`` positions, signed (wrapped) coordinates.
+    """
+    n, h, w = cc.shape
+    yy = jnp.fft.fftfreq(h, 1.0 / h)[:, None]
+    xx = jnp.fft.fftfreq(w, 1.0 / w)[None, :]
+    inside = (xx * xx + yy * yy) <= radius * radius
+    masked = jnp.where(inside[None], cc, -jnp.inf)
+    flat = jnp.argmax(masked.reshape(n, -1), axis=1)
+    iy, ix = flat // w, flat % w
+    frames = jnp.arange(n)
+
+    def at(dy, dx):
+        return cc[frames, (iy + dy) % h, (ix + dx) % w]
+
+    c0 = at(0, 0)
+
+    def vertex(vn, vp):
+        den = vp + vn - 2 * c0
+        off = jnp.where(jnp.abs(den) > 1e-30, -0.5 * (vp - vn) / jnp.where(den == 0, 1, den), 0)
+        return jnp.clip(off, -0.5, 0.5)
+
+    sx = jnp.where(ix > w // 2, ix - w, ix) + vertex(at(0, -1), at(0, 1))
+    sy = jnp.where(iy > h // 2, iy - h, iy) + vertex(at(-1, 0), at(1, 0))
+    return jnp.stack([sx, sy], axis=1).astype(jnp.float32)
+
+
+@partial(jax.jit, static_argnames=("w", "group", "radius"))
+def residual_shifts(spectra, weight, shifts, *, w, group, radius):
+    """One alignment iteration: residual shift of each frame against the sum of the others.
+
+    spectra: (N, h, w//2+1) complex64 of the binned frames; weight: (h, w//2+1) float32; shifts:
+    (N, 2) current shifts (binned pixels). Returns (N, 2) residual shifts to add (binned pixels).
+    With ``group > 1`` each group of consecutive frames is correlated as one and its residual is
+    given to all of its frames.
+    """
+    h = spectra.shape[1]
+    aligned = spectra * phase_ramp(shifts, h, w)
+    total = aligned.sum(axis=0)
+    own = aligned if group <= 1 else _group_sums(aligned, group)
+    cc = jnp.fft.irfft2((total[None] - own) * jnp.conj(own) * weight, s=(h, w))
+    res = _peaks(cc, radius)
+    return res if group <= 1 else res[jnp.arange(spectra.shape[0]) // group]
+
+
+def smooth_trajectory(raw: np.ndarray) -> np.ndarray:
+    """Whittaker smoother (second differences) along frames, strength by GCV: (N, 2) -> (N, 2).
+
+    Minimises ``|y - z|^2 + lam |D2 z|^2`` per axis; ``lam`` minimises the generalised
+    cross-validation score ``N RSS / (N - tr H)^2`` over a log grid. Fewer than 4 frames: unchanged.
+    """
+    raw = np.asarray(raw, np.float64)
+    n = raw.shape[0]
+    if n < 4:
+        return raw.copy()
+    d = np.diff(np.eye(n), 2, axis=0)
+    p = d.T @ d
+    best = None
+    for lam in np.geomspace(1e-3, 1e5, 33):
+        hat = np.linalg.solve(np.eye(n) + lam * p, np.eye(n))
+        fit = hat @ raw
+        rss = float(((raw - fit) ** 2).sum())
+        dof = n - np.trace(hat)
+        score = n * rss / max(dof, 1e-9) ** 2
+        if best is None or score < best[0]:
+            best = (score, fit)
+    return best[1]
+
+
+def read_binned(frames, b: int) -> np.ndarray:
+    """Read every frame once and bin it: -> (N, H // b, W // b) float32."""
+    n = frame_count(frames)
+    first = bin_frame(get_frame(frames, 0), b)
+    out = np.empty((n,) + first.shape, np.float32)
+    out[0] = first
+    for i in range(1, n):
+        out[i] = bin_frame(get_frame(frames, i), b)
+    return out
+
+
+def align_binned(binned, *, pixel_size, bfactor, iterations, tolerance, group, radius=None):
+    """Iterative global alignment of binned frames (N, h, w): -> (N, 2) raw shifts, binned pixels.
+
+    ``pixel_size``: Å per *binned* pixel; ``tolerance``: in binned pixels.
+    """
+    n, h, w = binned.shape
+    spectra = _spectra(jnp.asarray(binned), w)
+    weight = bfactor_weight(h, w, bfactor, pixel_size)
+    if radius is None:
+        radius = float(min(h, w) // 4)
+    shifts = jnp.zeros((n, 2), jnp.float32)
+    for _ in range(max(1, iterations)):
+        res = residual_shifts(spectra, weight, shifts, w=w, group=int(group), radius=radius)
+        res = res - res[0]
+        shifts = shifts + res
+        if float(jnp.max(jnp.abs(res))) < tolerance:
+            break
+    shifts = np.asarray(shifts, np.float64)
+    if group > 1:  # piecewise constant -> interpolated between group centres
+        centres = np.arange(n) // group
+        t = np.array([np.mean(np.flatnonzero(centres == g)) for g in range(centres[-1] + 1)])
+        values = shifts[[int(np.flatnonzero(centres == g)[0]) for g in range(len(t))]]
+        i = np.arange(n)
+        shifts = np.stack([np.interp(i, t, values[:, k]) for k in range(2)], axis=1)
+        shifts -= shifts[0]
+    return shifts
+
+
+def estimate_shifts(
+    frames,
+    *,
+    pixel_size=None,
+    bfactor=150.0,
+    binning=None,
+    iterations=10,
+    tolerance=0.01,
+    patches=None,
+    group=1,
+) -> Alignment:
+    """Estimate the shift of every frame (see the module docstring for the method).
+
+    frames: a Movie (``len``, ``frame(i)``) or a sequence of (H, W) arrays; pixel_size: Å per pixel
+    of the frames (default: the Movie's, else 1); bfactor: Å^2; binning: integer (default: long
+    side to at most 1024 pixels); iterations: at most this many refinements, stopping once every
+    shift changes by less than ``tolerance`` pixels; patches: ``(nx, ny)`` for local motion on
+    top of the global shifts; group: correlate windows of this many consecutive frames (for
+    low-dose frames). Returns an :class:`Alignment` with ``shifts`` (N, 2) float64 pixels.
+    """
+    n = frame_count(frames)
+    if n < 2:
+        return Alignment(np.zeros((n, 2)), None)
+    ps = _pixel_size(frames, pixel_size)
+    first_shape = get_frame(frames, 0).shape
+    b = int(binning) if binning else auto_binning(first_shape)
+    binned = read_binned(frames, b)
+    raw = align_binned(
+        binned, pixel_size=ps * b, bfactor=bfactor, iterations=iterations,
+        tolerance=tolerance / b, group=group,
+    )  # fmt: skip
+    smooth = smooth_trajectory(raw)
+    smooth = (smooth - smooth[0]) * b
+    local = None
+    if patches is not None:
+        from cryoden import align_local
+
+        local = align_local.estimate(
+            binned, smooth / b, b, patches, pixel_size=ps * b, bfactor=bfactor,
+            iterations=iterations, tolerance=tolerance / b, group=group,
+        )  # fmt: skip
+    return Alignment(smooth, local)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dose weighting
+
+
+def _doses(n_frames, dose_per_frame, pre_exposure, voltage) -> np.ndarray:
+    """Equivalent 300 kV dose at the end of each frame (e/Å^2), as RELION: (N,) float64."""
+    d = pre_exposure + dose_per_frame * (np.arange(n_frames) + 1.0)
+    if abs(voltage - 200) <= 2:
+        d = d / 0.8
+    elif abs(voltage - 100) <= 2:
+        d = d / 0.64
+    elif abs(voltage - 300) > 2:
+        raise ValueError(f"dose weighting supports 100, 200 or 300 kV, got {voltage}")
+    return d
+
+
+def _critical_exposure(h, w, pixel_size):
+    """``2 Ne(k)`` (Grant & Grigorieff Eq. 3, times 2 from Eq. 5) on the rfft2 grid: (h, w//2+1)."""
+    ky, kx = _freqs(h, w)
+    k = jnp.sqrt(kx * kx + ky * ky) / pixel_size
+    ne = (0.245 * jnp.where(k > 0, k, 1.0) ** -1.665 + 2.81) * 2
+    return jnp.where(k > 0, ne, jnp.inf)
+
+
+def dose_weights(
+    n_frames, shape, pixel_size, dose_per_frame, pre_exposure=0.0, voltage=300.0
+) -> np.ndarray:
+    """Dose weights of every frame: (N, H, W//2+1) float32 on the rfft2 grid of ``shape`` (H, W).
+
+    ``w_i(k) = exp(-D_i / (2 Ne(k)))`` normalised so that ``sum_i w_i(k)^2 = N`` (module docstring).
+    """
+    h, w = shape
+    ne2 = _critical_exposure(h, w, pixel_size)
+    d = jnp.asarray(_doses(n_frames, dose_per_frame, pre_exposure, voltage), jnp.float32)
+    raw = jnp.exp(-d[:, None, None] / ne2[None])
+    norm = jnp.sqrt(n_frames / jnp.sum(raw * raw, axis=0))
+    return np.asarray(raw * norm[None], np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sums
+
+
+@partial(jax.jit, static_argnames=("w",), donate_argnums=(0,))
+def _accumulate(acc, frame, shift, member, weight, *, w):
+    """acc (S, H, W//2+1) += member[s] * weight * rfft2(frame) shifted by ``shift`` (2,)."""
+    h = frame.shape[0]
+    spec = jnp.fft.rfft2(frame) * phase_ramp(shift, h, w) * weight
+    return acc + member[:, None, None].astype(acc.dtype) * spec[None]
+
+
+@jax.jit
+def _dose_row(ne2, dose, norm):
+    return jnp.exp(-dose / ne2) * norm
+
+
+def _dose_norm(ne2, doses):
+    total = jnp.zeros_like(ne2)
+    for d in doses:
+        total = total + jnp.exp(-2 * float(d) / ne2)
+    return jnp.sqrt(len(doses) / total)
+
+
+def aligned_sums(frames, alignment: Alignment, subsets, dose_weighting=None) -> list[np.ndarray]:
+    """Several aligned sums in one pass over the frames: one (H, W) float32 array per subset.
+
+    subsets: a sequence of frame-index collections (``None`` = all frames); each frame is read
+    and Fourier transformed once. dose_weighting: None, a :class:`DoseWeighting`, or an array
+    (N, H, W//2+1) of weights (e.g. from :func:`dose_weights`). With a local model the local
+    part is applied by bilinear interpolation after the global Fourier shift.
+    """
+    n = frame_count(frames)
+    shifts = np.asarray(alignment.shifts, np.float64)
+    if shifts.shape != (n, 2):
+        raise ValueError(f"alignment has {shifts.shape[0]} shifts for {n} frames")
+    members = np.zeros((len(subsets), n), np.float32)
+    for s, idx in enumerate(subsets):
+        idx = range(n) if idx is None else idx
+        for i in idx:
+            if not -n <= int(i) < n:
+                raise ValueError(f"frame index {i} out of range for {n} frames")
+            members[s, int(i)] += 1.0
+    used = np.flatnonzero(members.any(axis=0))
+    if alignment.local is not None:
+        from cryoden import align_local
+
+        return align_local.sums(frames, alignment, members, used, dose_weighting)
+    h, w = get_frame(frames, int(used[0]) if used.size else 0).shape
+    acc = jnp.zeros((len(subsets), h, w // 2 + 1), jnp.complex64)
+    weights = _weights_fn(dose_weighting, n, h, w)
+    for i in used:
+        frame = jnp.asarray(get_frame(frames, int(i)))
+        if frame.shape != (h, w):
+            raise ValueError(f"frame {i} has shape {frame.shape}, frame 0 has {(h, w)}")
+        acc = _accumulate(
+            acc, frame, jnp.asarray(shifts[i], jnp.float32), jnp.asarray(members[:, i]),
+            weights(int(i)), w=w,
+        )  # fmt: skip
+    out = jnp.fft.irfft2(acc, s=(h, w))
+    return [np.asarray(o, np.float32) for o in out]
+
+
+def _weights_fn(dose_weighting, n, h, w):
+    """Frame index -> (H, W//2+1) float32 weights (or the scalar 1.0 without dose weighting)."""
+    if dose_weighting is None:
+        one = jnp.float32(1.0)
+        return lambda i: one
+    if isinstance(dose_weighting, DoseWeighting):
+        dw = dose_weighting
+        doses = _doses(n, dw.dose_per_frame, dw.pre_exposure, dw.voltage)
+        ne2 = _critical_exposure(h, w, dw.pixel_size)
+        norm = _dose_norm(ne2, doses)
+        return lambda i: _dose_row(ne2, jnp.float32(doses[i]), norm)
+    arr = np.asarray(dose_weighting)
+    if arr.shape != (n, h, w // 2 + 1):
+        raise ValueError(f"dose weights have shape {arr.shape}, expected {(n, h, w // 2 + 1)}")
+    return lambda i: jnp.asarray(arr[i], jnp.float32)
+
+
+def aligned_sum(frames, alignment: Alignment, indices=None, dose_weighting=None) -> np.ndarray:
+    """Aligned sum of the frames ``indices`` (None = all): (H, W) float32.
+
+    The same shifts are used for any subset, so sums of disjoint subsets add up to the full sum.
+    See :func:`aligned_sums` for ``dose_weighting``.
+    """
+    return aligned_sums(frames, alignment, [indices], dose_weighting)[0]
