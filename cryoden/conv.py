@@ -8,7 +8,8 @@ with ``scripts/bench_train.py``, see docs/benchmarks.md):
 
 * A 3D convolution is a sum over its depth taps of 2D convolutions on ``(B * D, H, W, I)``
   slices: XLA:CPU's 2D kernels are several times faster than its 3D ones. Inference sums the
-  taps one at a time (``lax.scan``, half the memory); training unrolled (faster).
+  taps one at a time (``lax.scan``, half the memory) unless traced in ``depth_taps(False)``
+  (a whole volume that fits unrolled); training unrolled (faster).
 * Convolutions to one output channel are a matrix product and a shifted sum
   (:func:`_conv_one_out`), ~4x faster.
 * Narrow images (rows under ``MOSAIC_WIDTH / 2``) are convolved side by side in one wide row
@@ -68,6 +69,19 @@ class Split:
 
 
 _SPLITS: list[Split] = []
+_DEPTH_SCAN: list[bool] = [True]
+
+
+@contextlib.contextmanager
+def depth_taps(scan: bool):
+    """Trace inference 3D convolutions (CPU) inside this block with the depth taps summed one
+    at a time under ``lax.scan`` (``scan=True``, the default: ~0.4x the memory, ~15% slower)
+    or unrolled (``False``: faster where the memory is there; :func:`_conv3d_as_slices`)."""
+    _DEPTH_SCAN.append(bool(scan))
+    try:
+        yield
+    finally:
+        _DEPTH_SCAN.pop()
 
 
 @contextlib.contextmanager
@@ -302,12 +316,13 @@ def _with_cpu_backward(forward, grad_kernel):
     is ``grad_kernel`` (blockwise, see :func:`kernel_grad`).
 
     Not differentiated (inference), the forward sums 3D depth taps one at a time
-    (``scan=True``: half the memory, where memory sets the tile size); differentiated (the
-    training step: its forward and data gradient), it keeps the faster unrolled sum."""
+    (``scan=True``: half the memory, where memory sets the tile size) unless traced inside
+    ``depth_taps(False)``; differentiated (the training step: its forward and data gradient),
+    it keeps the faster unrolled sum."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
     def f(h, kernel, pads):
-        return forward(h, kernel, pads, scan=True)
+        return forward(h, kernel, pads, scan=_DEPTH_SCAN[-1])
 
     def fwd(h, kernel, pads):
         return forward(h, kernel, pads), (h, kernel)

@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cryoden import filters, levelwise, memory, spatial, tiling, weights
+from cryoden import conv, filters, levelwise, memory, spatial, tiling, weights
 from cryoden.models import ModelSpec, build_model
 
 DEFAULT_MODEL = {2: "unet", 3: "unet-3d"}
@@ -54,6 +54,7 @@ class _Net:
     levelwise: Any = None  # levelwise.Levelwise, made on first use
     lw_plans: dict = dataclasses.field(default_factory=dict)  # (padded, budget, verify) -> plan
     spatial: dict = dataclasses.field(default_factory=dict)  # (split, budget) -> kernel | None
+    unrolled: dict = dataclasses.field(default_factory=dict)  # (shape, budget) -> compiled | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Route:
     work: float | None
     levelwise: levelwise.Plan | None = None
     spatial: spatial.SpatialKernel | None = None
+    unrolled: Any = None  # 'tiles' in 3D on CPU: the faster unrolled-taps kernel, if it fits
 
     @property
     def calls(self) -> int:
@@ -353,7 +355,27 @@ class Denoiser:
         if lw:
             lw_plan = self._levelwise_plan(net, plan.padded)
             return Route("levelwise", plan, None, levelwise=lw_plan)
-        return Route("tiles", plan, plan.work)
+        return Route("tiles", plan, plan.work, unrolled=self._unrolled_kernel(net, plan))
+
+    def _unrolled_kernel(self, net: _Net, plan: Plan):
+        """For a whole volume (one tile) on CPU: the kernel with its depth taps unrolled
+        (10-17% faster than the default scanned sum, ~2.4x its memory;
+        :func:`cryoden.conv.depth_taps`), compiled, if it fits the budget by XLA's memory
+        analysis; else None (the scanned kernel runs). Checked once per shape and budget."""
+        if self.ndim != 3 or self.devices[0].platform != "cpu" or len(plan.tiles) > 1:
+            return None  # tiles are sized by the scanned kernel's memory
+        budget = memory_budget(self.devices[0])
+        shape = (plan.per_call, *plan.tile)
+        key = (shape, budget)
+        if key not in net.unrolled:
+            x = jax.ShapeDtypeStruct((*shape, 1), jnp.float32, sharding=self.tile_sharding)
+            module = build_model(net.spec, dtype=self.dtype)
+            with conv.depth_taps(False):
+                c = jax.jit(lambda p, x: module.apply({"params": p}, x))
+                c = c.lower(net.params, x).compile()
+            net.traces.append(shape)
+            net.unrolled[key] = c if memory.compiled_bytes(c) <= budget else None
+        return net.unrolled[key]
 
     def _levelwise_plan(self, net: _Net, padded, verify: bool = True) -> levelwise.Plan:
         if net.levelwise is None:
@@ -385,6 +407,7 @@ class Denoiser:
                 kernel = spatial.SpatialKernel(
                     lambda p, x: module.apply({"params": p}, x), net.params, self.mesh, split
                 )
+                net.traces.append(split.extended)
                 cache[key] = kernel if kernel.bytes <= budget else None
         return cache[key]
 
@@ -403,6 +426,7 @@ class Denoiser:
         if r.kind == "levelwise":
             return net.levelwise.run(xn, r.levelwise, progress)
         padded_shape, tiles, per_call = r.plan
+        kernel = r.unrolled or net.kernel
         padded = np.zeros(padded_shape, np.float32)
         padded[tuple(slice(0, n) for n in xn.shape)] = xn
         out = np.empty(padded_shape, np.float32)
@@ -413,7 +437,7 @@ class Denoiser:
             batch = np.zeros(shape, np.float32)
             for b, t in enumerate(group):
                 batch[b, ..., 0] = padded[t.window]
-            return net.kernel(net.params, jax.device_put(batch, self.tile_sharding))
+            return kernel(net.params, jax.device_put(batch, self.tile_sharding))
 
         def collect(group, result):
             result = np.asarray(result)

@@ -181,3 +181,19 @@ def test_levelwise_progress_counts_stage_calls(tmp_path, capsys, monkeypatch):
     total = sum(sp.calls for sp in route.levelwise.stages)
     assert route.kind == "levelwise" and route.calls == total > 3
     assert [(int(a), int(b)) for a, b in steps] == [(k, total) for k in range(1, total)]
+
+
+def test_progress_of_several_models_adds_up():
+    """Steps of an averaged run count on over models, also when each model's run reports one
+    step (a whole image or a split: before, the second model's single step was lost)."""
+    seen = []
+    update = infer.Runner._batches(None, seen.append)
+    for total in (1, 1):
+        update(1, total)
+    assert seen == [1, 2]
+    seen.clear()
+    update = infer.Runner._batches(None, seen.append)
+    for _ in range(2):
+        for k in range(1, 4):
+            update(k, 3)
+    assert seen == [1, 2, 3, 4, 5, 6]
