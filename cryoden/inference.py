@@ -426,7 +426,7 @@ class Denoiser:
         if r.kind == "levelwise":
             return net.levelwise.run(xn, r.levelwise, progress)
         padded_shape, tiles, per_call = r.plan
-        kernel = r.unrolled or net.kernel
+        kernel = net.kernel if r.unrolled is None else r.unrolled
         padded = np.zeros(padded_shape, np.float32)
         padded[tuple(slice(0, n) for n in xn.shape)] = xn
         out = np.empty(padded_shape, np.float32)
