@@ -8,7 +8,8 @@ with ``scripts/bench_train.py``, see docs/benchmarks.md):
 
 * A 3D convolution is a sum over its depth taps of 2D convolutions on ``(B * D, H, W, I)``
   slices: XLA:CPU's 2D kernels are several times faster than its 3D ones. Inference sums the
-  taps one at a time (``lax.scan``, half the memory); training unrolled (faster).
+  taps one at a time (``lax.scan``, half the memory) unless traced in ``depth_taps(False)``
+  (a whole volume that fits unrolled); training unrolled (faster).
 * Convolutions to one output channel are a matrix product and a shifted sum
   (:func:`_conv_one_out`), ~4x faster.
 * Narrow images (rows under ``MOSAIC_WIDTH / 2``) are convolved side by side in one wide row
@@ -20,10 +21,17 @@ with ``scripts/bench_train.py``, see docs/benchmarks.md):
   operands swap roles (~20x faster for one output).
 * Data gradients are computed as convolutions of the same form (flipped, transposed kernel),
   not by autodiff through the rewrites above.
+
+Inside :func:`spatial_split` (traced under ``shard_map``, see :mod:`cryoden.spatial`) every
+convolution first takes its zero-padding rows along the split axis from the neighbouring devices'
+slabs (``lax.ppermute``; the end devices receive zeros, the image's own zero padding), so a model
+run on slabs computes the whole image's convolutions exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -45,13 +53,87 @@ MOSAIC_WIDTH = 520
 FEW_OUT = 8
 
 
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A spatial split active while tracing under ``shard_map``: spatial axis ``axis`` (0-based,
+    after the batch axis) of every feature map is cut into equal slabs over the ``n_dev``
+    devices of mesh axis ``axis_name``. At full resolution a slab has ``local`` positions and
+    the image's first ``valid`` positions (along that axis, over all slabs) are real; the rest
+    (an extension up to ``n_dev * local``) is treated as zeros by every convolution."""
+
+    axis_name: str
+    axis: int
+    n_dev: int
+    local: int
+    valid: int
+
+
+_SPLITS: list[Split] = []
+_DEPTH_SCAN: list[bool] = [True]
+
+
+@contextlib.contextmanager
+def depth_taps(scan: bool):
+    """Trace inference 3D convolutions (CPU) inside this block with the depth taps summed one
+    at a time under ``lax.scan`` (``scan=True``, the default: ~0.4x the memory, ~15% slower)
+    or unrolled (``False``: faster where the memory is there; :func:`_conv3d_as_slices`)."""
+    _DEPTH_SCAN.append(bool(scan))
+    try:
+        yield
+    finally:
+        _DEPTH_SCAN.pop()
+
+
+@contextlib.contextmanager
+def spatial_split(split: Split):
+    """Trace convolutions as slab-wise with halo exchange (module doc) inside this block."""
+    _SPLITS.append(split)
+    try:
+        yield
+    finally:
+        _SPLITS.pop()
+
+
+def _exchange_halos(h: jax.Array, pads: Pads, split: Split) -> tuple[jax.Array, Pads]:
+    """``h``'s slab (B, *s, I) with ``lo``/``hi`` rows of the neighbouring slabs attached along
+    the split axis (zeros beyond the image) -> (slab with halos, pads with (0, 0) there).
+
+    The slab's resolution relative to full resolution is ``s[axis] / split.local``; positions
+    at or beyond the valid length at that resolution are zeroed first."""
+    a, name, n = split.axis + 1, split.axis_name, split.n_dev
+    n_loc = h.shape[a]
+    lo, hi = pads[split.axis]
+    if max(lo, hi) > n_loc:
+        raise ValueError(f"slab of {n_loc} px is narrower than a conv halo of {max(lo, hi)} px")
+    if split.valid < n * split.local:
+        valid = split.valid * n_loc // split.local
+        pos = jax.lax.axis_index(name) * n_loc + jnp.arange(n_loc)
+        shape = [1] * h.ndim
+        shape[a] = n_loc
+        h = jnp.where((pos < valid).reshape(shape), h, jnp.zeros((), h.dtype))
+    parts = []
+    if lo:  # the previous slab's last rows; device 0 receives zeros
+        tail = jax.lax.slice_in_dim(h, n_loc - lo, n_loc, axis=a)
+        parts.append(jax.lax.ppermute(tail, name, [(i, i + 1) for i in range(n - 1)]))
+    parts.append(h)
+    if hi:  # the next slab's first rows; the last device receives zeros
+        head = jax.lax.slice_in_dim(h, 0, hi, axis=a)
+        parts.append(jax.lax.ppermute(head, name, [(i + 1, i) for i in range(n - 1)]))
+    h = jnp.concatenate(parts, axis=a) if len(parts) > 1 else h
+    pads = tuple((0, 0) if i == split.axis else p for i, p in enumerate(pads))
+    return h, pads
+
+
 def conv(h: jax.Array, kernel: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
     """Stride-1 cross-correlation (torch/XLA convention), channels-last.
 
     h: (B, *s, I); kernel: (*k, I, O); pads: ((lo, hi),) per spatial axis, zeros.
-    Returns (B, *s_out, O) with ``s_out = s + lo + hi - k + 1``.
+    Returns (B, *s_out, O) with ``s_out = s + lo + hi - k + 1``. Inside :func:`spatial_split`,
+    ``h`` is one slab and the padding along the split axis comes from the neighbouring slabs.
     """
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    if _SPLITS:
+        h, pads = _exchange_halos(h, pads, _SPLITS[-1])
     if jax.default_backend() != "cpu":
         return _xla_conv(h, kernel, pads)
     return _conv_cpu(h, kernel, pads)
@@ -234,12 +316,13 @@ def _with_cpu_backward(forward, grad_kernel):
     is ``grad_kernel`` (blockwise, see :func:`kernel_grad`).
 
     Not differentiated (inference), the forward sums 3D depth taps one at a time
-    (``scan=True``: half the memory, where memory sets the tile size); differentiated (the
-    training step: its forward and data gradient), it keeps the faster unrolled sum."""
+    (``scan=True``: half the memory, where memory sets the tile size) unless traced inside
+    ``depth_taps(False)``; differentiated (the training step: its forward and data gradient),
+    it keeps the faster unrolled sum."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
     def f(h, kernel, pads):
-        return forward(h, kernel, pads, scan=True)
+        return forward(h, kernel, pads, scan=_DEPTH_SCAN[-1])
 
     def fwd(h, kernel, pads):
         return forward(h, kernel, pads), (h, kernel)

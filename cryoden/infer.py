@@ -286,16 +286,25 @@ class Runner:
             text += "whole image unpadded (--topaz-compat)"
             n, per_call = 1, 1
         else:
-            plan = den.plan(shape, a.patch_size, a.padding, a.batch_size)
+            routes = [
+                den.route(net, shape, a.patch_size, a.padding, a.batch_size) for net in den.nets
+            ]
+            plan, kinds = routes[0].plan, {r.kind for r in routes}
             n, per_call = len(plan.tiles), plan.per_call
             size = "x".join(map(str, tile_shape(plan.tiles)))
-            if all(
-                den.uses_levelwise(net.spec, n, a.patch_size, a.padding) for net in den.nets
-            ):  # stage tiles are planned when the run starts: no step count to show yet
+            if kinds == {"levelwise"}:  # steps: stage kernel calls over all models
                 text += "level by level (exact; stages planned from the memory budget)"
-                n, per_call = 1, 1
+            elif kinds == {"spatial"}:
+                r = routes[0].spatial.plan
+                text += (
+                    f"whole image split over {r.n_dev} devices along axis {r.axis}, "
+                    f"work x{routes[0].work:.2f}"
+                )
             else:
                 text += "whole image" if n == 1 else f"{n} tiles of {size}, work x{plan.work:.2f}"
+            if kind != "stack":
+                steps = sum(r.calls for r in routes)
+                return text, steps, "step" if kinds != {"tiles"} or per_call > 1 else "tile"
         if kind == "stack":
             return text + " per slice", len(data), "slice"
         steps = -(-n // per_call) * len(models)  # kernel calls over all models
@@ -327,7 +336,7 @@ class Runner:
         state = {"offset": 0, "last": 0}
 
         def progress(done: int, total: int) -> None:
-            if done < state["last"]:  # the next model started
+            if done <= state["last"]:  # the next model started (done rises within one)
                 state["offset"] += total
             state["last"] = done
             update(state["offset"] + done)

@@ -3,7 +3,10 @@
 
 For each case: per stage the output grid, tile, halo, tile count and estimated bytes, and the
 total work (FLOPs executed / FLOPs of one whole pass, from XLA's cost analysis), next to the
-work of today's whole-network tiles (``Denoiser.plan``) under the same budget.
+work of today's whole-network tiles (``Denoiser.plan``) under the same budget. The excess over
+one whole pass is split into its causes: ``structure`` (the stages run untiled: the recomputed
+``enc1`` of S3) and, per stage, ``tiles`` (halos, alignment and padding tiles: executed tile
+volume over the stage's grid volume).
 
 Usage::
 
@@ -14,6 +17,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 CASES = [
@@ -44,12 +48,21 @@ def main() -> None:
         padded, tiles, _ = d.plan(shape, None, None)
         plan = lw.plan(padded, budget)
         print(f"{model} {'x'.join(map(str, shape))}, budget {args.budget}:")
+        whole = lw.whole_flops_per_px() * math.prod(padded)
+        excess = []
         for sp in plan.stages:
+            executed = sp.calls * sp.batch * math.prod(sp.tile)
+            ideal = sp.flops * math.prod(sp.grid) / executed  # the stage run untiled
+            excess.append((sp.stage.name, ideal, sp.flops - ideal))
             print(
                 f"  {sp.stage.name}: grid {sp.grid} tile {sp.tile} halo {sp.halo} "
                 f"x{len(sp.tiles)} tiles, ~{sp.bytes / 2**30:.2f} GiB, "
-                f"{sp.flops / 1e12:.2f} TFLOP"
+                f"{sp.flops / 1e12:.2f} TFLOP ({sp.flops / whole:.3f} of a whole pass; "
+                f"tiles x{executed / math.prod(sp.grid):.3f} of its grid)"
             )
+        structure = sum(i for _, i, _ in excess) / whole - 1
+        parts = ", ".join(f"{n} tiles +{e / whole:.3f}" for n, _, e in excess)
+        print(f"  excess: structure (recomputed enc1) +{structure:.3f}, {parts}")
         print(
             f"  level-wise work {lw.work(plan):.3f}x one whole pass; today's tiles: "
             f"{len(tiles)} x {tiling.tile_shape(tiles)} = {tiling.waste(padded, tiles):.2f}x "

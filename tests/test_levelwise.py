@@ -3,14 +3,17 @@ equals the whole (stride-padded) image's at odd sizes with several tiles per sta
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import new_mrc
 
-from cryoden import levelwise, memory, tiling
+from cryoden import infer, levelwise, memory, progress, tiling
 from cryoden.inference import Denoiser
 
 
@@ -158,3 +161,39 @@ def test_3d_default_goes_levelwise_instead_of_approximate_tiles(monkeypatch):
     d.nets[0].kernel = lambda params, batch: np.zeros(batch.shape, np.float32)  # ordinary tiles
     d(x, padding=16)  # explicit margins: the ordinary tiled path, not level-wise
     assert calls == [(64, 160, 160)]
+
+
+def test_levelwise_progress_counts_stage_calls(tmp_path, capsys, monkeypatch):
+    """A level-wise file reports its progress in steps, the stage kernel calls done / total
+    over all stages (not a single 'level by level' step), every call in order."""
+    monkeypatch.setenv("CRYODEN_MEMORY_BUDGET", "8M")
+    monkeypatch.setattr(progress, "PLAIN_EVERY", 0.0)  # a plain progress line for every step
+    x, _ = _normalised((203, 157), seed=4)
+    new_mrc(tmp_path / "a.mrc", x)
+    parser = argparse.ArgumentParser()
+    infer.add_args(parser)
+    args = [str(tmp_path / "a.mrc"), "-o", str(tmp_path / "out"), "-m", "unet-small"]
+    assert infer.main(parser.parse_args(args)) == 0
+    steps = re.findall(r"cryoden: \[1/1\] \S+: (\d+)/(\d+) steps", capsys.readouterr().err)
+    assert len(steps) > 3, steps  # before: one step, so no progress at all
+    d = Denoiser("unet-small", ndim=2)
+    route = d.route(d.nets[0], x.shape)
+    total = sum(sp.calls for sp in route.levelwise.stages)
+    assert route.kind == "levelwise" and route.calls == total > 3
+    assert [(int(a), int(b)) for a, b in steps] == [(k, total) for k in range(1, total)]
+
+
+def test_progress_of_several_models_adds_up():
+    """Steps of an averaged run count on over models, also when each model's run reports one
+    step (a whole image or a split: before, the second model's single step was lost)."""
+    seen = []
+    update = infer.Runner._batches(None, seen.append)
+    for total in (1, 1):
+        update(1, total)
+    assert seen == [1, 2]
+    seen.clear()
+    update = infer.Runner._batches(None, seen.append)
+    for _ in range(2):
+        for k in range(1, 4):
+            update(k, 3)
+    assert seen == [1, 2, 3, 4, 5, 6]
