@@ -205,3 +205,30 @@ def test_even_odd_split_differs_from_random_and_other_data_is_refused(movies, re
         assert max(ckpt.steps()) == 6  # refused runs touched nothing
     finally:
         ckpt.close()
+
+
+def test_train_flags_for_movies(movies, tmp_path, capsys):
+    import argparse
+
+    from cryoden.train import __main__ as cli
+
+    folder, gain, _ = movies
+
+    def parse(*argv):
+        return cli.add_args(argparse.ArgumentParser()).parse_args(list(argv))
+
+    flags = ["--movies", str(folder), "--gain", str(gain), "--gain-rot", "1"]
+    cfg = C.from_args(parse(*flags, "--split", "even-odd", "--out", "r"))
+    assert cfg.data.movies == str(folder) and cfg.data.gain == str(gain)
+    assert (cfg.data.gain_rot, cfg.data.split, cfg.model.ndim) == (1, "even-odd", 2)
+    assert C.from_args(parse("--movies", str(folder), "--out", "r")).data.split == "random"
+    run = tmp_path / "run"
+    for argv, msg in [
+        (["--movies", str(folder), "--even", str(folder), "--odd", str(folder)], "not both"),
+        ([], "no training data"),
+        (["--even", str(folder), "--odd", str(folder), "--gain", str(gain)], "--movies only"),
+    ]:
+        assert cli.main(parse(*argv, "--out", str(run))) == 2
+        assert msg in capsys.readouterr().err
+    assert not run.exists()
+

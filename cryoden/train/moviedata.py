@@ -297,7 +297,7 @@ def drift(shifts: np.ndarray) -> float:
 def _frames(m, path: Path, npy: Path):
     """``(file, mrc layout or None)``: an MRC stack is mapped where it lies; other formats
     are decoded once into ``npy`` (stored dtype, written atomically)."""
-    if path.suffix.lower() in (".mrc", ".mrcs") and not _slow_mrc(m):
+    if m.info.format == "mrc":
         lay = io.mrc_layout(path)
         dtype = np.dtype(np.uint8) if lay.imod_unsigned else lay.dtype
         return path, ((len(m), *m.info.shape), dtype.str, lay.offset)
@@ -313,11 +313,6 @@ def _frames(m, path: Path, npy: Path):
         arr.flush()
         del arr
     return npy, None
-
-
-def _slow_mrc(m) -> bool:
-    """An MRC movie whose frames are not the file's sections one to one (never, today)."""
-    return getattr(m.info, "raw_frames_per_frame", 1) != 1
 
 
 def _cache_gain(m, gain: GainSpec, npy: Path) -> str:
