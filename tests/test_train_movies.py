@@ -231,4 +231,3 @@ def test_train_flags_for_movies(movies, tmp_path, capsys):
         assert cli.main(parse(*argv, "--out", str(run))) == 2
         assert msg in capsys.readouterr().err
     assert not run.exists()
-
