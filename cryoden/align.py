@@ -12,7 +12,8 @@ Shifts are relative to the first frame (``shifts[0] = 0``).
 Global alignment (:func:`estimate_shifts`): frames are read once, binned (block mean) to at most
 about 1024 pixels on the long side, Fourier transformed, and kept on the device. Each iteration
 correlates every frame (or a window of ``group`` neighbouring frames) with the sum of all the
-others, after the current shifts, weighted by ``exp(-B k^2 / 4)`` (``B`` in Å^2, ``k`` in 1/Å);
+others, after the current shifts, weighted by ``exp(-2 B k^2)`` (``B`` in pixel^2, ``k`` in cycles
+per pixel, RELION's and MotionCor2's B-factor for alignment);
 the correlation peak is located to subpixel precision by a parabola through its neighbours, and the
 residual shifts are added until they all change by less than ``tolerance`` pixels. The per-frame
 shifts are then smoothed in frame number by a penalised least-squares (Whittaker) smoother whose
@@ -112,21 +113,30 @@ def phase_ramp(shifts, h: int, w: int):
     return jnp.exp(-2j * jnp.pi * phase).astype(jnp.complex64)
 
 
-def bfactor_weight(h: int, w: int, bfactor: float, pixel_size: float):
-    """``exp(-B k^2 / 4)`` on the rfft2 grid, ``k`` in 1/Å for pixels of ``pixel_size`` Å."""
+def bfactor_weight(h: int, w: int, bfactor: float, binning: int):
+    """``exp(-2 B k^2)`` on the rfft2 grid of binned frames, ``k`` in cycles per *unbinned* pixel.
+
+    ``B`` in pixel^2 of the delivered frames, as RELION's ``--bfactor`` and MotionCor2's ``-Bft``
+    (the 2: the weight ``exp(-B k^2)`` applies to both the frame and the reference).
+    """
     ky, kx = _freqs(h, w)
-    k2 = (kx * kx + ky * ky) / pixel_size**2
-    return jnp.exp(-bfactor * k2 / 4).astype(jnp.float32)
+    k2 = (kx * kx + ky * ky) / binning**2
+    return jnp.exp(-2 * bfactor * k2).astype(jnp.float32)
 
 
-def edge_taper(h: int, w: int, width: float = 0.08):
-    """Separable raised-cosine window, 1 inside and falling to 0 over ``width`` of each side."""
+def edge_taper(h: int, w: int, margin: float):
+    """Separable raised-cosine window: 0 within ``margin`` pixels of the border, rising to 1 over
+    the next ``margin`` (at least 4) pixels. (h, w) float32."""
 
     def ramp(n):
-        m = max(1, int(round(width * n)))
+        m0 = min(int(np.ceil(margin)), n // 4)
+        m = min(max(4, m0), n // 4)
         r = np.ones(n)
+        r[:m0] = 0
+        r[n - m0 :] = 0
         edge = 0.5 - 0.5 * np.cos(np.pi * (np.arange(m) + 0.5) / m)
-        r[:m], r[n - m :] = edge, edge[::-1]
+        r[m0 : m0 + m] = edge
+        r[n - m0 - m : n - m0] = edge[::-1]
         return r
 
     return jnp.asarray(np.outer(ramp(h), ramp(w)), jnp.float32)
@@ -134,12 +144,9 @@ def edge_taper(h: int, w: int, width: float = 0.08):
 
 @partial(jax.jit, static_argnames=("w",))
 def _spectra(binned, w):
-    """rfft2 of mean-subtracted, edge-tapered binned frames: (N, h, w) -> (N, h, w//2+1).
-
-    The taper keeps the frame borders (at the same place in every frame) from correlating.
-    """
+    """rfft2 of mean-subtracted binned frames: (N, h, w) -> (N, h, w//2+1) complex64."""
     x = binned - binned.mean(axis=(1, 2), keepdims=True)
-    return jnp.fft.rfft2(x * edge_taper(binned.shape[1], w), s=(binned.shape[1], w))
+    return jnp.fft.rfft2(x, s=(binned.shape[1], w))
 
 
 def _group_sums(aligned, group: int):
@@ -179,16 +186,20 @@ def _peaks(cc, radius: float):
 
 
 @partial(jax.jit, static_argnames=("w", "group", "radius"))
-def residual_shifts(spectra, weight, shifts, *, w, group, radius):
+def residual_shifts(spectra, weight, window, shifts, *, w, group, radius):
     """One alignment iteration: residual shift of each frame against the sum of the others.
 
     spectra: (N, h, w//2+1) complex64 of the binned frames; weight: (h, w//2+1) float32; shifts:
     (N, 2) current shifts (binned pixels). Returns (N, 2) residual shifts to add (binned pixels).
+    The shifted frames are multiplied by ``window`` (h, w), the same for all frames in the aligned
+    coordinates: it hides the borders, where periodic shifts wrap, and cannot bias the residuals
+    at convergence (a window fixed to the unshifted frames would pull them towards zero motion).
     With ``group > 1`` each group of consecutive frames is correlated as one and its residual is
     given to all of its frames.
     """
     h = spectra.shape[1]
-    aligned = spectra * phase_ramp(shifts, h, w)
+    aligned = jnp.fft.irfft2(spectra * phase_ramp(shifts, h, w), s=(h, w)) * window
+    aligned = jnp.fft.rfft2(aligned)
     total = aligned.sum(axis=0)
     own = aligned if group <= 1 else _group_sums(aligned, group)
     cc = jnp.fft.irfft2((total[None] - own) * jnp.conj(own) * weight, s=(h, w))
@@ -197,19 +208,21 @@ def residual_shifts(spectra, weight, shifts, *, w, group, radius):
 
 
 def smooth_trajectory(raw: np.ndarray) -> np.ndarray:
-    """Whittaker smoother (second differences) along frames, strength by GCV: (N, 2) -> (N, 2).
+    """Whittaker smoother (third differences) along frames, strength by GCV: (N, 2) -> (N, 2).
 
-    Minimises ``|y - z|^2 + lam |D2 z|^2`` per axis; ``lam`` minimises the generalised
-    cross-validation score ``N RSS / (N - tr H)^2`` over a log grid. Fewer than 4 frames: unchanged.
+    Minimises ``|y - z|^2 + lam |D3 z|^2`` (both axes share ``lam``; any quadratic trajectory
+    passes unchanged); ``lam`` minimises the generalised
+    cross-validation score ``N RSS / (N - tr H)^2`` over a log grid. Fewer than 8 frames: unchanged
+    (too few to tell noise from motion).
     """
     raw = np.asarray(raw, np.float64)
     n = raw.shape[0]
-    if n < 4:
+    if n < 8:
         return raw.copy()
-    d = np.diff(np.eye(n), 2, axis=0)
+    d = np.diff(np.eye(n), 3, axis=0)
     p = d.T @ d
     best = None
-    for lam in np.geomspace(1e-3, 1e5, 33):
+    for lam in np.geomspace(1e-3, 1e6, 37):
         hat = np.linalg.solve(np.eye(n) + lam * p, np.eye(n))
         fit = hat @ raw
         rss = float(((raw - fit) ** 2).sum())
@@ -231,19 +244,21 @@ def read_binned(frames, b: int) -> np.ndarray:
     return out
 
 
-def align_binned(binned, *, pixel_size, bfactor, iterations, tolerance, group, radius=None):
+def align_binned(binned, *, binning, bfactor, iterations, tolerance, group, radius=None):
     """Iterative global alignment of binned frames (N, h, w): -> (N, 2) raw shifts, binned pixels.
 
-    ``pixel_size``: Å per *binned* pixel; ``tolerance``: in binned pixels.
+    ``binning``: of ``binned``; ``bfactor``: unbinned pixel^2; ``tolerance``: in binned pixels.
     """
     n, h, w = binned.shape
     spectra = _spectra(jnp.asarray(binned), w)
-    weight = bfactor_weight(h, w, bfactor, pixel_size)
+    weight = bfactor_weight(h, w, bfactor, binning)
     if radius is None:
         radius = float(min(h, w) // 4)
     shifts = jnp.zeros((n, 2), jnp.float32)
     for _ in range(max(1, iterations)):
-        res = residual_shifts(spectra, weight, shifts, w=w, group=int(group), radius=radius)
+        margin = float(jnp.max(jnp.abs(shifts))) + 1
+        window = edge_taper(h, w, margin)
+        res = residual_shifts(spectra, weight, window, shifts, w=w, group=int(group), radius=radius)
         res = res - res[0]
         shifts = shifts + res
         if float(jnp.max(jnp.abs(res))) < tolerance:
@@ -273,7 +288,8 @@ def estimate_shifts(
     """Estimate the shift of every frame (see the module docstring for the method).
 
     frames: a Movie (``len``, ``frame(i)``) or a sequence of (H, W) arrays; pixel_size: Å per pixel
-    of the frames (default: the Movie's, else 1); bfactor: Å^2; binning: integer (default: long
+    of the frames (default: the Movie's, else 1; kept for the local model's records); bfactor:
+    pixel^2 (RELION's ``--bfactor``); binning: integer (default: long
     side to at most 1024 pixels); iterations: at most this many refinements, stopping once every
     shift changes by less than ``tolerance`` pixels; patches: ``(nx, ny)`` for local motion on
     top of the global shifts; group: correlate windows of this many consecutive frames (for
@@ -287,7 +303,7 @@ def estimate_shifts(
     b = int(binning) if binning else auto_binning(first_shape)
     binned = read_binned(frames, b)
     raw = align_binned(
-        binned, pixel_size=ps * b, bfactor=bfactor, iterations=iterations,
+        binned, binning=b, bfactor=bfactor, iterations=iterations,
         tolerance=tolerance / b, group=group,
     )  # fmt: skip
     smooth = smooth_trajectory(raw)
@@ -297,7 +313,7 @@ def estimate_shifts(
         from cryoden import align_local
 
         local = align_local.estimate(
-            binned, smooth / b, b, patches, pixel_size=ps * b, bfactor=bfactor,
+            binned, smooth / b, b, patches, pixel_size=ps, bfactor=bfactor,
             iterations=iterations, tolerance=tolerance / b, group=group,
         )  # fmt: skip
     return Alignment(smooth, local)
@@ -319,12 +335,13 @@ def _doses(n_frames, dose_per_frame, pre_exposure, voltage) -> np.ndarray:
     return d
 
 
-def _critical_exposure(h, w, pixel_size):
+def _critical_exposure(h, w, pixel_size) -> np.ndarray:
     """``2 Ne(k)`` (Grant & Grigorieff Eq. 3, times 2 from Eq. 5) on the rfft2 grid: (h, w//2+1)."""
-    ky, kx = _freqs(h, w)
-    k = jnp.sqrt(kx * kx + ky * ky) / pixel_size
-    ne = (0.245 * jnp.where(k > 0, k, 1.0) ** -1.665 + 2.81) * 2
-    return jnp.where(k > 0, ne, jnp.inf)
+    ky = np.fft.fftfreq(h)[:, None]
+    kx = np.fft.rfftfreq(w)[None, :]
+    k = np.sqrt(kx * kx + ky * ky) / pixel_size
+    ne = (0.245 * np.where(k > 0, k, 1.0) ** -1.665 + 2.81) * 2
+    return np.where(k > 0, ne, np.inf)
 
 
 def dose_weights(
@@ -336,10 +353,10 @@ def dose_weights(
     """
     h, w = shape
     ne2 = _critical_exposure(h, w, pixel_size)
-    d = jnp.asarray(_doses(n_frames, dose_per_frame, pre_exposure, voltage), jnp.float32)
-    raw = jnp.exp(-d[:, None, None] / ne2[None])
-    norm = jnp.sqrt(n_frames / jnp.sum(raw * raw, axis=0))
-    return np.asarray(raw * norm[None], np.float32)
+    d = _doses(n_frames, dose_per_frame, pre_exposure, voltage)
+    raw = np.exp(-d[:, None, None] / ne2[None])
+    norm = np.sqrt(n_frames / np.sum(raw * raw, axis=0))
+    return (raw * norm[None]).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,10 +377,11 @@ def _dose_row(ne2, dose, norm):
 
 
 def _dose_norm(ne2, doses):
-    total = jnp.zeros_like(ne2)
+    """``sqrt(N / sum_i exp(-2 D_i / Ne2))``: (H, W//2+1) float32 (host, one frame at a time)."""
+    total = np.zeros(ne2.shape)
     for d in doses:
-        total = total + jnp.exp(-2 * float(d) / ne2)
-    return jnp.sqrt(len(doses) / total)
+        total += np.exp(-2 * float(d) / ne2)
+    return jnp.asarray(np.sqrt(len(doses) / total), jnp.float32)
 
 
 def aligned_sums(frames, alignment: Alignment, subsets, dose_weighting=None) -> list[np.ndarray]:
@@ -415,6 +433,7 @@ def _weights_fn(dose_weighting, n, h, w):
         doses = _doses(n, dw.dose_per_frame, dw.pre_exposure, dw.voltage)
         ne2 = _critical_exposure(h, w, dw.pixel_size)
         norm = _dose_norm(ne2, doses)
+        ne2 = jnp.asarray(ne2, jnp.float32)
         return lambda i: _dose_row(ne2, jnp.float32(doses[i]), norm)
     arr = np.asarray(dose_weighting)
     if arr.shape != (n, h, w // 2 + 1):
