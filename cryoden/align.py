@@ -79,14 +79,6 @@ def get_frame(frames, i: int) -> np.ndarray:
     return np.asarray(f, dtype=np.float32)
 
 
-def _pixel_size(frames, pixel_size):
-    if pixel_size is not None:
-        return float(pixel_size)
-    info = getattr(frames, "info", None)
-    ps = getattr(info, "pixel_size", None)
-    return float(ps) if ps else 1.0
-
-
 def auto_binning(shape: Sequence[int]) -> int:
     """Integer binning that brings the long side of ``shape`` to at most ``MAX_BINNED`` pixels."""
     return max(1, math.ceil(max(shape) / MAX_BINNED))
@@ -329,8 +321,8 @@ def estimate_shifts(
     """Estimate the shift of every frame (see the module docstring for the method).
 
     frames: a Movie (``len``, ``frame(i)``) or a sequence of (H, W) arrays; pixel_size: Å per pixel
-    of the frames (default: the Movie's, else 1; kept for the local model's records); bfactor:
-    pixel^2 (RELION's ``--bfactor``); binning: integer (default: long
+    of the frames (accepted for symmetry with the other steps; the alignment works in pixels);
+    bfactor: pixel^2 (RELION's ``--bfactor``); binning: integer (default: long
     side to at most 1024 pixels); iterations: at most this many refinements, stopping once every
     shift changes by less than ``tolerance`` pixels; patches: ``(nx, ny)`` for local motion on
     top of the global shifts; group: correlate windows of this many consecutive frames (for
@@ -339,7 +331,6 @@ def estimate_shifts(
     n = frame_count(frames)
     if n < 2:
         return Alignment(np.zeros((n, 2)), None)
-    ps = _pixel_size(frames, pixel_size)
     first_shape = get_frame(frames, 0).shape
     b = int(binning) if binning else auto_binning(first_shape)
     binned = read_binned(frames, b)
@@ -354,7 +345,7 @@ def estimate_shifts(
         from cryoden import align_local
 
         local = align_local.estimate(
-            binned, smooth / b, b, patches, pixel_size=ps, bfactor=bfactor,
+            binned, smooth / b, b, patches, shape=first_shape, bfactor=bfactor,
             iterations=iterations, tolerance=tolerance / b, group=group,
         )  # fmt: skip
     return Alignment(smooth, local)
