@@ -39,11 +39,12 @@ dropped).
 Untrusted files cost little: only regular files are opened (a FIFO or device is refused before
 it could block); an MRC header is checked against the file's size before anything is allocated
 (dimensions >= 1, a supported mode, nsymbt >= 0, header + extended header + data <= file size;
-trailing bytes are ignored), and the data are read once; uncompressed TIFF pixel data must fit in
-the file; compressed TIFF and PNG may decode to at most ``DECODE_FLOOR`` bytes or
-``DECODE_RATIO`` times the file's size, whichever is larger. Complex data and empty images are
-refused. Written MRC statistics are computed in float64, so finite data give finite dmin, dmax,
-dmean and rms.
+trailing bytes are ignored), and the data are read once; a TIFF's list of pages must end within
+the file (:func:`check_tiff_pages`: a truncated stack is not read as fewer pages), uncompressed
+TIFF pixel data must fit in the file; compressed TIFF and PNG may decode to at most
+``DECODE_FLOOR`` bytes or ``DECODE_RATIO`` times the file's size, whichever is larger. Complex
+data and empty images are refused. Written MRC statistics are computed in float64, so finite
+data give finite dmin, dmax, dmean and rms.
 
 Every error is a one-line ``ValueError(f"{path}: <problem>")``.
 """
@@ -59,6 +60,7 @@ import re
 import secrets
 import socket
 import stat
+import struct
 import time
 import warnings
 from pathlib import Path
@@ -156,6 +158,8 @@ def read(path: str | os.PathLike, kind: str | None = None) -> Image:
         raise ValueError(f"{path}: {msg}") from e
     except ImportError as e:  # a codec whose module is missing (e.g. TIFF zstd before 3.14)
         raise ValueError(f"{path}: cannot decode, a codec is missing: {e}") from e
+    except RuntimeError as e:  # imagecodecs' errors: corrupt LZW, deflate, ... data
+        raise ValueError(f"{path}: cannot decode the compressed data: {e}") from e
 
 
 def check_regular_file(path: str | os.PathLike) -> None:
@@ -442,6 +446,7 @@ def _check_tiff(tif: tifffile.TiffFile, series: list) -> None:
     """
     if not series:
         raise ValueError("TIFF holds no image")
+    check_tiff_pages(tif)
     for s in series:
         dtype = np.dtype(s.dtype) if s.dtype is not None else None
         if dtype is None or dtype.kind not in "buif":
@@ -461,6 +466,28 @@ def _check_tiff(tif: tifffile.TiffFile, series: list) -> None:
             )
     else:
         _check_decoded(f"TIFF of shape {series[0].shape}", decoded, size)
+
+
+def check_tiff_pages(tif: tifffile.TiffFile) -> None:
+    """Refuse a TIFF whose list of pages does not end: tifffile stops, with only a warning, at a
+    page beyond the end of a truncated file, and the stack would silently lose its last pages.
+
+    Raises ValueError (without the path) when the last page's link to a next page is not 0.
+    """
+    fmt, fh = tif.tiff, tif.filehandle
+    last = tif.pages[len(tif.pages) - 1].offset
+    fh.seek(last)
+    raw, link = fh.read(fmt.tagnosize), None
+    if len(raw) == fmt.tagnosize:
+        fh.seek(last + fmt.tagnosize + struct.unpack(fmt.tagnoformat, raw)[0] * fmt.tagsize)
+        raw = fh.read(fmt.offsetsize)
+        if len(raw) == fmt.offsetsize:
+            link = struct.unpack(fmt.offsetformat, raw)[0]
+    if link != 0:
+        raise ValueError(
+            f"file is truncated or corrupt: its list of pages breaks off after "
+            f"{len(tif.pages)} pages"
+        )
 
 
 def _check_png(path: Path) -> None:
