@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import new_mrc
 
 from cryoden import align, motionstar
+from cryoden.movie import open_movie
 from cryoden.simulate_movie import local_displacement, simulate_movie
 
 SHAPE, N, DOSE = (256, 256), 20, 2.0
@@ -31,10 +33,18 @@ def band_snr_db(total: np.ndarray, clean: np.ndarray, n: int, crop=24, kmax=0.25
 
 
 @pytest.fixture(scope="module")
-def drifting():
+def drifting(tmp_path_factory):
+    """A simulated drifting movie stored as an int8 MRC stack with a gain reference, aligned
+    through :func:`cryoden.movie.open_movie` (frames read from disk, gain applied by the reader)."""
     movie = simulate_movie(SHAPE, N, seed=5, dose_per_frame=DOSE, drift=16.0)
-    frames = [movie.corrected(i) for i in range(N)]
-    return movie, frames, align.estimate_shifts(frames, pixel_size=movie.pixel_size)
+    folder = tmp_path_factory.mktemp("movie")
+    new_mrc(folder / "movie.mrcs", movie.frames.astype(np.int8))
+    new_mrc(folder / "gain.mrc", movie.gain)
+    with open_movie(folder / "movie.mrcs", gain=folder / "gain.mrc") as m:
+        a = align.estimate_shifts(m, pixel_size=movie.pixel_size)
+        frames = [m.frame(i) for i in range(N)]
+    np.testing.assert_allclose(frames[3], movie.corrected(3), rtol=1e-6)
+    return movie, frames, a
 
 
 def test_shifts_match_truth(drifting):
@@ -196,7 +206,7 @@ def test_bad_motion_star_one_line_error(tmp_path, text, problem):
 
 
 def test_local_patches_reduce_error_of_spatially_varying_drift():
-    n, size = 20, 384
+    n, size = N, SHAPE[0]
     movie = simulate_movie((size, size), n, seed=4, dose_per_frame=DOSE, drift=12.0, local=8.0)
     frames = [movie.corrected(i) for i in range(n)]
     local = align.estimate_shifts(frames, patches=(2, 2))
