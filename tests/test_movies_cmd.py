@@ -152,6 +152,7 @@ def test_dose_weighting_applies_to_both_halves_and_frame_range(movie_dir, done, 
     rc = cli(
         ["movies", str(folder / "a.mrcs"), "-o", str(out), "--gain", str(gain), "-q"]
         + ["--dose-per-frame", "3", "--dose-weighting", "--first", "2", "--last", "7"]
+        + ["--shifts-from", str(plain / "shifts")]  # frames 2..7 of its STAR (no compilation)
     )
     assert rc == 0
     imgs = {}
@@ -163,6 +164,9 @@ def test_dose_weighting_applies_to_both_halves_and_frame_range(movie_dir, done, 
         assert not np.allclose(imgs["sums"], m.data, atol=1.0)
     star = motionstar.read(out / "shifts" / "a.star")
     assert star.frame_numbers.tolist() == [2, 3, 4, 5, 6, 7]
+    np.testing.assert_allclose(
+        star.shifts, motionstar.read(plain / "shifts" / "a.star").shifts[1:7]
+    )
     assert star.general["rlnMicrographDoseRate"] == 3.0
     entry = json.loads((out / "cryoden-movies.json").read_text())["movies"][0]
     assert entry["status"] == "done" and entry["frames"] == 6
