@@ -8,6 +8,8 @@ examples:
   cryoden train --even even/ --odd odd/ --out runs/mine     train on your own even/odd halves
   cryoden infer micrographs/*.mrc -o denoised/ --model runs/mine
   cryoden convert model_epoch100.sav -o model.npz           use a model trained with Topaz
+  cryoden relion denoise --o External/job003/ --in_mics MotionCorr/job002/corrected_micrographs.star
+                                                            as a RELION External job
 
 'cryoden COMMAND --help' describes a command and its options. The README and the docs/ folder
 of the cryoden source (architecture, inference, training, weights, SNR) explain the details.
@@ -36,6 +38,7 @@ COMMANDS = {
     ),
     "movies": ("cryoden.movies", "align movies; write aligned sums and even/odd half sums"),
     "convert": ("cryoden.convert", "convert Topaz/PyTorch weights (.sav, .pt) to cryoden's format"),
+    "relion": ("cryoden.relion", "RELION External jobs: denoise, train, tomo-denoise, tomo-train"),
 }
 
 _ROLE = re.compile(r":(?:mod|func|class|meth|attr|data|obj|exc):`~?([^`]+)`")

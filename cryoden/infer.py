@@ -36,7 +36,9 @@ removes the unfinished output, writes the record and exits with status 130 (143)
 
 Progress goes to stderr: bars on a terminal, plain lines in a log file; -q keeps only errors.
 OUTDIR/cryoden-infer.json records the version, command line, options and per-file outcome of
-the last run. Temporary files that a killed cryoden left in OUTDIR are removed by the next run.
+the last run. --preview adds OUTDIR/previews/<output name>.png per file (raw | denoised, binned;
+a failed preview is reported on one line and makes the exit status 1, the output stays).
+Temporary files that a killed cryoden left in OUTDIR are removed by the next run.
 Environment: CRYODEN_MEMORY_BUDGET (bytes, or with a K, M, G or T suffix) caps the memory of one
 tile batch (default: 60% of an accelerator's memory, 40% of RAM on CPU); CRYODEN_CACHE_DIR is
 where compiled kernels are cached.
@@ -146,6 +148,40 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip inputs whose output exists (default: off, existing outputs are replaced)",
     )
+    a = parser.add_argument_group("collection time and clusters")
+    a.add_argument(
+        "--watch",
+        action="store_true",
+        help="follow the input folders (or quoted glob patterns, ** for any depth) and denoise "
+        "each file once it is complete; a restart never repeats a file (default: off)",
+    )
+    a.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="--watch: a file is complete when unchanged for S seconds (and, for MRC, as long "
+        "as its header says) (default: 5)",
+    )
+    a.add_argument(
+        "--idle",
+        type=float,
+        metavar="S",
+        help="--watch: stop after S seconds without new files (default: run until Ctrl-C)",
+    )
+    a.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="process the I-th of N shares of the inputs (1 <= I <= N); default: from Slurm "
+        "(array task and srun task), else all",
+    )
+    a.add_argument(
+        "--preview",
+        action="store_true",
+        help="also write OUTDIR/previews/<output name>.png: raw | denoised, binned to at most "
+        "1024 px (stacks: the central slice; volumes: central XY, XZ, YZ slices) "
+        "(default: off)",
+    )
     a.add_argument(
         "-q",
         "--quiet",
@@ -193,6 +229,12 @@ def _check_options(args: argparse.Namespace) -> str | None:
             not (args.topaz_compat and (args.patch_size or args.padding is not None)),
             "--topaz-compat runs whole images: it excludes --patch-size and --padding",
         ),
+        (math.isfinite(args.settle) and args.settle >= 0, "--settle must be >= 0 seconds"),
+        (
+            args.idle is None or (math.isfinite(args.idle) and args.idle >= 0),
+            "--idle must be >= 0 seconds",
+        ),
+        (args.watch or args.idle is None, "--idle applies to --watch only"),
     ]
     return next((msg for ok, msg in checks if not ok), None)
 
@@ -377,12 +419,38 @@ def _main(args: argparse.Namespace) -> int:
     if problem:
         error("options", problem)
         return 2
-    outdir = Path(args.output)
-    jobs = outputs.plan(args.inputs, outdir, args.format, args.suffix, args.skip_existing)
-    clash = outputs.conflicts(jobs, outdir / RECORD)
-    if clash:
-        error(None, clash)
+    from cryoden import shard as sharding
+
+    try:
+        share = sharding.from_environment(args.shard)
+    except ValueError as e:
+        error("--shard", e)
         return 2
+    outdir = Path(args.output)
+    record = outdir / (RECORD if share is None else RECORD.replace(".json", f".{share.tag}.json"))
+    if args.watch:
+        jobs, total = [], None
+        problem = _watch_problem(args, outdir)
+        if problem:
+            error("--watch", problem)
+            return 2
+    else:
+        jobs = outputs.plan(args.inputs, outdir, args.format, args.suffix, args.skip_existing)
+        clash = outputs.conflicts(jobs, record)  # over all shares: each process sees the same
+        if args.preview and not clash:  # previews may not replace inputs either
+            import dataclasses
+
+            from cryoden import preview
+
+            shown = [
+                dataclasses.replace(j, out=preview.path_for(outdir, j.out)) for j in jobs if j.out
+            ]
+            clash = outputs.conflicts(shown, record)
+        if clash:
+            error(None, clash)
+            return 2
+        jobs = sharding.take(jobs, share)
+        total = len(jobs)
     try:  # fail early on an unusable output directory
         from cryoden import io
 
@@ -391,6 +459,16 @@ def _main(args: argparse.Namespace) -> int:
     except OSError as e:
         error(outdir, f"cannot write to the output directory: {e.strerror or e}")
         return 2
+    if args.preview:
+        from cryoden import preview
+
+        folder = outdir / preview.PREVIEWS
+        try:
+            folder.mkdir(exist_ok=True)
+            io.new_temporary(folder / "cryoden-probe").unlink()
+        except OSError as e:
+            error(folder, f"cannot write the previews folder: {e.strerror or e}")
+            return 2
 
     from cryoden import runtime, weights
     from cryoden.inference import memory_budget
@@ -408,18 +486,27 @@ def _main(args: argparse.Namespace) -> int:
         error(None, e)
         return 2
     stale = io.remove_stale_temporaries(outdir, keep=[j.src for j in jobs])
+    if args.preview:
+        stale += io.remove_stale_temporaries(outdir / preview.PREVIEWS, keep=[j.src for j in jobs])
     if stale and not args.quiet:
         names = ", ".join(p.name for p in stale[:3]) + (", ..." if len(stale) > 3 else "")
         print(f"cryoden: removed {len(stale)} stale temporary file(s): {names}", file=sys.stderr)
 
     from cryoden.progress import Progress
 
-    show = Progress(len(jobs), args.quiet)
+    show = Progress(total or 1, args.quiet)
+    if share is not None:
+        what = "files as they come" if args.watch else f"{total} file(s)"
+        show.say(f"cryoden: {share}: {what}")
     log: list[dict] = []
     stopped = None
     with _signals_interrupt():
         try:
-            _run(args, jobs, Runner(args, devices), show, log, budget)
+            run = Runner(args, devices)
+            if args.watch:
+                _watch(args, outdir, share, run, show, log, budget)
+            else:
+                _run(args, jobs, total, run, show, log, budget, _identities(jobs))
         except KeyboardInterrupt as e:
             stopped = e.args[0] if e.args and e.args[0] in EXIT_SIGNAL else "SIGINT"
             for entry in log:
@@ -427,23 +514,106 @@ def _main(args: argparse.Namespace) -> int:
         finally:
             show.close()
     with _signals_ignored():
-        return _finish(args, devices, log, outdir, time.perf_counter() - t0, stopped, show)
+        return _finish(args, devices, log, record, time.perf_counter() - t0, stopped, show)
 
 
-def _run(args, jobs, run: Runner, show, log: list[dict], budget: int) -> None:
-    """Process every job in turn, appending its record entry to ``log`` as it starts."""
+def _identities(jobs) -> set:
+    """Identity keys (outputs.identity) of every existing input of ``jobs``."""
+    return set().union(*(outputs.identity(j.src) for j in jobs if os.path.lexists(j.src)))
+
+
+def _watch_problem(args: argparse.Namespace, outdir: Path) -> str | None:
+    """Why these inputs cannot be watched into ``outdir``, or None."""
+    from cryoden import watch
+
+    out = os.path.realpath(outdir)
+    for s in args.inputs:
+        if watch.is_pattern(s):
+            continue
+        if not os.path.isdir(s):
+            return f"{s} is not a folder: --watch follows folders or quoted glob patterns"
+        if os.path.realpath(s) == out:
+            return (
+                f"the output folder {outdir} is a watched folder: outputs would be taken as "
+                "new inputs; choose another -o"
+            )
+        shots = os.path.join(out, "previews")  # preview.PREVIEWS
+        if args.preview and os.path.realpath(s) == os.path.realpath(shots):
+            return (
+                f"the previews folder of {outdir} is a watched folder: previews would be taken "
+                "as new inputs; choose another -o"
+            )
+    return None
+
+
+def _watch(args, outdir: Path, share, run: Runner, show, log: list[dict], budget: int) -> None:
+    """Denoise files as they become complete; each input once, also across restarts."""
+    from cryoden import io, watch
+    from cryoden import shard as sharding
+
+    name = "cryoden-watch.jsonl" if share is None else f"cryoden-watch.{share.tag}.jsonl"
+    manifest = watch.Manifest(outdir / name)
+    finished = manifest.finished()
+    written = {e["output"]: e["input"] for e in finished.values() if e.get("output")}
+    follower = watch.Follower(
+        args.inputs,
+        io.FORMATS,
+        settle=args.settle,
+        poll=min(2.0, max(args.settle / 2, 0.05)),
+        idle=args.idle,
+        done=finished,
+        owns=lambda n: sharding.owns(n, share),
+    )
+    if finished:
+        show.say(f"cryoden: {len(finished)} file(s) already done according to {manifest.path}")
+    show.say(
+        f"cryoden: watching {', '.join(args.inputs)} "
+        + (
+            f"(stops after {args.idle:g} s without new files)"
+            if args.idle is not None
+            else "(Ctrl-C stops)"
+        )
+    )
+    for src in follower:
+        job = outputs.plan([str(src)], outdir, args.format, args.suffix, args.skip_existing)[0]
+        if job.out is not None and not job.problem:
+            if follower.would_take(job.out):
+                job.out, job.problem = None, "its output would be watched as a new input"
+            elif args.preview and follower.would_take(_preview_path(job.out)):
+                job.out, job.problem = None, "its --preview would be watched as a new input"
+            elif written.get(str(job.out), str(src)) != str(src):
+                job.problem = f"{written[str(job.out)]} was already written to {job.out}"
+        inputs = _identities([job])
+        if job.out is not None and os.path.lexists(job.out):  # rare: check every input then
+            inputs |= _identities([outputs.Job(Path(n)) for n in follower.listing()])
+            if outputs.identity(job.out) & inputs and not job.problem:
+                job.problem = f"its output {job.out} would replace an input; choose another -o"
+        _run(args, [job], None, run, show, log, budget, inputs, start=len(log))
+        entry = log[-1]
+        if entry.get("status") == "ok":
+            written[str(job.out)] = str(src)
+        manifest.add({**entry, "input": str(src), "time": time.time()})
+
+
+def _run(
+    args, jobs, total, run: Runner, show, log: list[dict], budget: int, inputs: set, start: int = 0
+) -> None:
+    """Process every job in turn, appending its record entry to ``log`` as it starts.
+
+    ``total``: the number of jobs (None: unknown, as in --watch); ``inputs``: identity keys of
+    the run's inputs, which no output may replace."""
     import dataclasses
 
     from cryoden import __version__, io
 
     label = f"cryoden {__version__} infer, model {'+'.join(args.model or ['default'])}"[:80]
-    inputs = set().union(*(outputs.identity(j.src) for j in jobs if os.path.lexists(j.src)))
-    for i, job in enumerate(jobs, 1):
+    for i, job in enumerate(jobs, start + 1):
         entry = {"input": str(job.src)}
         log.append(entry)
         if job.out is not None:
             entry["output"] = str(job.out)
-        tag, t = f"cryoden: [{i}/{len(jobs)}] {job.src}", time.perf_counter()
+        count = f"{i}/{total}" if total is not None else f"{i}"
+        tag, t = f"cryoden: [{count}] {job.src}", time.perf_counter()
         stage = "planning"
         try:
             if job.problem:
@@ -459,7 +629,7 @@ def _run(args, jobs, run: Runner, show, log: list[dict], budget: int) -> None:
             stage = "denoising"
             what, steps, unit = run.describe(img.data, img.kind)
             show.say(f"{tag}: {_kind_text(img, args.kind != 'auto')}, {what}")
-            y = run(img.data, img.kind, show.steps(f"[{i}/{len(jobs)}] {job.src}", steps, unit))
+            y = run(img.data, img.kind, show.steps(f"[{count}] {job.src}", steps, unit))
             stage = "writing"
             if outputs.identity(job.out) & inputs:  # a link made since the plan: never replace
                 raise ValueError(f"{job.out} now names an input of this run; not replaced")
@@ -470,16 +640,41 @@ def _run(args, jobs, run: Runner, show, log: list[dict], budget: int) -> None:
             msg = _problem(e, stage, budget)
             show.error(line(job.src, msg))
             entry.update(status="failed", error=msg)
+        else:
+            if args.preview:
+                _preview(img, y, job, entry, show)
         finally:
             show.file_done()
 
 
-def _finish(args, devices, log, outdir: Path, seconds: float, stopped, show) -> int:
+def _preview_path(out) -> Path:
+    """OUTDIR/previews/<output name>.png of the output ``out``."""
+    from cryoden import preview
+
+    return preview.path_for(Path(out).parent, out)
+
+
+def _preview(img, y, job, entry: dict, show) -> None:
+    """Write the preview of a denoised file; a failure is reported, the output stays."""
+    from cryoden import preview
+
+    path = _preview_path(job.out)
+    try:
+        preview.write(img.data, y, img.kind, path, title=job.out.name)
+        entry["preview"] = str(path)
+    except Exception as e:  # the denoised file is fine: report, count as a failure, go on
+        msg = f"preview not written: {_problem(e, 'writing the preview', None)}"
+        show.error(line(job.src, msg))
+        entry["preview_error"] = msg
+
+
+def _finish(args, devices, log, record_path: Path, seconds: float, stopped, show) -> int:
     """Write the record, print the summary; -> exit status."""
     import json
 
     from cryoden import __version__, io
 
+    outdir = record_path.parent
     counts = {k: sum(e.get("status") == k for e in log) for k in ("ok", "skipped", "failed")}
     options = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     record = dict(
@@ -493,10 +688,10 @@ def _finish(args, devices, log, outdir: Path, seconds: float, stopped, show) -> 
     if stopped:
         record["interrupted"] = stopped
     try:
-        with io.atomic(outdir / RECORD) as tmp:
+        with io.atomic(record_path) as tmp:
             tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
     except OSError as e:
-        show.error(line(outdir / RECORD, e.strerror or e))
+        show.error(line(record_path, e.strerror or e))
     summary = (
         f"{counts['ok']} written, {counts['skipped']} skipped, {counts['failed']} failed "
         f"in {seconds:.1f} s -> {outdir}"
@@ -504,10 +699,10 @@ def _finish(args, devices, log, outdir: Path, seconds: float, stopped, show) -> 
     if stopped:
         where = next((e["input"] for e in log if e["status"] == "interrupted"), None)
         during = f" during {where}" if where else ""
-        show.error(f"cryoden: interrupted by {stopped}{during}: {summary}; see {outdir / RECORD}")
+        show.error(f"cryoden: interrupted by {stopped}{during}: {summary}; see {record_path}")
         return EXIT_SIGNAL[stopped]
     show.say(f"cryoden: {summary}")
-    return 1 if counts["failed"] else 0
+    return 1 if counts["failed"] or any("preview_error" in e for e in log) else 0
 
 
 if __name__ == "__main__":

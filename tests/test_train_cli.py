@@ -52,6 +52,16 @@ def test_presets_reproduce_the_paper_recipes():
         cfg.validate()
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_crop_below_the_network_stride_is_refused(ndim):
+    """A crop smaller than 2^poolings used to crash deep in conv.py (empty max())."""
+    cfg = C.merge(C.Config(), C.load_preset("train-3d" if ndim == 3 else "train-2d"))
+    small = C.merge(cfg, {"data": {"crop": cfg.model.spec.stride - 1}})
+    with pytest.raises(ValueError, match="smaller than the .* stride"):
+        small.validate()
+    C.merge(cfg, {"data": {"crop": cfg.model.spec.stride}}).validate()
+
+
 def test_flags_override_preset_and_set(tmp_path):
     even, odd = write_pairs(tmp_path / "d", n=2)
     args = parse(
@@ -118,7 +128,7 @@ def test_wrong_dimensionality_is_a_clear_error(tmp_path, capsys):
             "--arch",
             "unet-3d",
             "--crop",
-            "16",
+            "32",
             "-q",
         )
     )

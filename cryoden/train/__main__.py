@@ -15,9 +15,12 @@ Examples:
 RUN gets config.json (resolved config), data.json (names, sizes and fingerprints of the pairs),
 run.json (versions, commands), train.log, log.tsv (per-epoch train and validation loss),
 checkpoints/ and model.npz (best model by validation loss; give --model RUN or
---model RUN/model.npz to cryoden infer). Starting the same command again resumes; a run
-refuses other data or other settings (except run length and checkpoint options). Nothing is
-written into RUN before every input has been checked.
+--model RUN/model.npz to cryoden infer). Every epoch adds previews/epochNNN.png (a fixed
+held-out crop, raw | denoised) and rewrites report.html (loss curves and previews; open it in a
+browser). --patience N stops early when the validation loss has not improved for N epochs.
+Starting the same command again resumes; a run refuses other data or other settings (except
+run length, patience, previews and checkpoint options). Nothing is written into RUN before
+every input has been checked.
 
 Settings: a preset (--config; train-2d, or train-3d for 3D data), then --set
 section.key=value (any config field), then the flags below. Compiled steps are kept in the
@@ -166,6 +169,20 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="STEPS",
         help="also checkpoint every N steps (always at the end of each epoch); "
         + dflt("run", "save_every_steps"),
+    )
+    g.add_argument(
+        "--patience",
+        type=int,
+        metavar="N",
+        help="stop when the validation loss (training loss without a holdout) has not improved "
+        "for N epochs; model.npz stays the best model; default: none (run every epoch)",
+    )
+    g.add_argument(
+        "--no-preview",
+        dest="preview",
+        action="store_false",
+        default=None,
+        help="no RUN/previews/epochNNN.png and RUN/report.html (default: written every epoch)",
     )
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     g = p.add_argument_group("multi-process (see scripts/)")

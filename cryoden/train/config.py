@@ -109,6 +109,8 @@ class RunConfig:
     save_every_steps: int | None = None  # extra checkpoints within epochs
     async_save: bool = True
     progress: bool = True
+    patience: int | None = None  # stop after this many epochs without a better validation loss
+    preview: bool = True  # RUN/previews/epochNNN.png and RUN/report.html every epoch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +134,11 @@ class Config:
         checks = [
             (m.dtype in ("float32", "bfloat16"), f"model.dtype {m.dtype!r}: float32 or bfloat16"),
             (d.crop > 0 and d.batch_size > 0, "data.crop and data.batch_size must be positive"),
+            (
+                d.crop >= m.spec.stride,
+                f"data.crop {d.crop} is smaller than the {m.arch} network's stride "
+                f"{m.spec.stride} (its poolings need at least that many pixels per axis)",
+            ),
             (0.0 <= d.holdout < 1.0, f"data.holdout {d.holdout} must be in [0, 1)"),
             (d.samples_per_pair > 0, "data.samples_per_pair must be positive"),
             (
@@ -162,6 +169,10 @@ class Config:
             (o.lr > 0, "optim.lr must be positive"),
             (r.epochs > 0 and (r.steps is None or r.steps > 0), "epochs/steps must be positive"),
             (r.keep_latest >= 1 and r.keep_best >= 0, "run.keep_latest >= 1, keep_best >= 0"),
+            (
+                r.patience is None or r.patience >= 1,
+                f"run.patience {r.patience} must be at least 1 epoch",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -302,6 +313,8 @@ RESUMABLE = {
         "async_save",
         "progress",
         "out",
+        "patience",
+        "preview",
     },
     "data": {"num_workers", "even", "odd", "movies", "gain"},
 }
@@ -346,6 +359,8 @@ FLAGS = {
     "keep": ("run", "keep_latest"),
     "keep_best": ("run", "keep_best"),
     "save_every": ("run", "save_every_steps"),
+    "patience": ("run", "patience"),
+    "preview": ("run", "preview"),
 }
 
 

@@ -10,6 +10,13 @@
     RUN/checkpoints/<step> orbax checkpoints (state, grain iterator, meta)
     RUN/model.npz          best model by validation loss, cryoden weights format
                            (``cryoden infer --model RUN`` or ``--model RUN/model.npz``)
+    RUN/previews/epochNNN.png  raw | denoised of a fixed held-out crop, every epoch
+    RUN/report.html, loss.png  loss curves, epochs and previews, rewritten every epoch
+                           (``run.preview``; see :mod:`cryoden.train.report`)
+
+With ``run.patience = N`` the run stops after N epochs without a better validation loss (training
+loss when nothing is held out); model.npz is the best model. The count follows from the saved
+best step, so a stopped run started again stays stopped (a larger patience continues it).
 
 Started again with the same ``RUN``, it resumes from the newest valid checkpoint; the result
 is bitwise the same as an uninterrupted run on CPU. A resumed run must have the same config
@@ -155,8 +162,12 @@ def _rewrite_tsv(path: Path, upto_step: int) -> None:
     _write_atomic(path, "\n".join(["\t".join(TSV_COLUMNS), *rows]) + "\n")
 
 
-def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
+def train(cfg: Config, command: list[str] | None = None, on_epoch=None) -> dict[str, Any]:
     """Run (or resume) training.
+
+    on_epoch: called on the main process at the end of every epoch run here as
+    ``on_epoch(epoch, improved, params)``: epoch counted from 1, whether it gave a new best
+    model, and a function returning the current params (numpy) when called.
 
     Returns ``{'step', 'best_val_loss', 'best_step', 'interrupted'}`` and, when finished,
     ``'model'`` (path of the exported best model) and ``'params'`` (final params, numpy).
@@ -299,17 +310,29 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
     ep_sum, ep_n = meta.get("epoch_loss_sum", 0.0), meta.get("epoch_loss_n", 0)
     if main:
         _rewrite_tsv(out / "log.tsv", cur)
-    if cur >= total_steps:
+    patience = cfg.run.patience
+    stale = _epochs_without_improvement(cur, best_step, steps_per_epoch)
+    stopped = patience is not None and cur % steps_per_epoch == 0 and stale >= patience
+    if cur >= total_steps or stopped:
         ckpt.close()
-        log.info("already finished (%d steps); model %s", cur, out / weights.MODEL_FILE)
+        if stopped and cur < total_steps:
+            log.info(
+                "already stopped early (no improvement for %d epochs); model %s",
+                stale,
+                out / weights.MODEL_FILE,
+            )
+        else:
+            log.info("already finished (%d steps); model %s", cur, out / weights.MODEL_FILE)
         return dict(
             step=cur,
             best_val_loss=best,
             best_step=best_step,
             interrupted=False,
+            stopped_early=stopped and cur < total_steps,
             model=str(out / weights.MODEL_FILE),
             params=mesh.to_host(state["params"]),
         )
+    previewer = _previewer(cfg, val_pairs, train_pairs) if main and cfg.run.preview else None
 
     # ------------------------------------------------------------------ compiled steps
     bsh = mesh.batch_sharding(devices)
@@ -397,7 +420,8 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
             ep_sum, ep_n = 0.0, 0
             val_loss = validate(state["params"]) if val_pairs else math.nan
             select = val_loss if val_pairs else train_loss
-            if select < best:
+            improved = select < best
+            if improved:
                 best, best_step = select, cur
                 if main:
                     weights.save(
@@ -413,6 +437,8 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
                         cryoden_version=cryoden.__version__,
                         source="cryoden.train",
                     )
+            if on_epoch is not None and main:
+                on_epoch(epoch + 1, improved, lambda s=state: mesh.to_host(s["params"]))
             gamma = float(mesh.to_host(metrics["gamma"])) if cfg.optim.loss == "L0" else None
             row = (
                 epoch + 1,
@@ -443,6 +469,38 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
                 dict(epoch_loss_sum=0.0, epoch_loss_n=0, best=_finite(best), best_step=best_step),
                 metric=select,
             )
+            stale = _epochs_without_improvement(cur, best_step, steps_per_epoch)
+            early = patience is not None and stale >= patience and cur < total_steps
+            if early:
+                status = (
+                    f"Stopped early after epoch {epoch + 1} of {epochs}: the "
+                    f"{'validation' if val_pairs else 'training'} loss has not improved for "
+                    f"{stale} epochs (--patience {patience}); "
+                    + (
+                        "no finite loss, no model.npz."
+                        if best_step is None
+                        else f"model.npz is the best model, epoch "
+                        f"{math.ceil(best_step / steps_per_epoch)}, loss {best:.5g}."
+                    )
+                )
+                log.info("early stop: %s", status)
+            elif cur >= total_steps:
+                status = f"Finished: {epochs} epochs; model.npz is the best model, loss {best:.5g}."
+            else:
+                status = f"Running: epoch {epoch + 1} of {epochs} done."
+            if previewer is not None:
+                _show(previewer, out, state["params"], epoch + 1, status)
+            if early:
+                ckpt.close()
+                return dict(
+                    step=cur,
+                    best_val_loss=best,
+                    best_step=best_step,
+                    model=str(out / weights.MODEL_FILE),
+                    interrupted=False,
+                    stopped_early=True,
+                    params=mesh.to_host(state["params"]),
+                )
             if stop.requested(ckpt, cur) and cur < total_steps:
                 ckpt.close()
                 log.warning("interrupted at step %d; run the same command to resume", cur)
@@ -461,8 +519,40 @@ def train(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
         best_step=best_step,
         model=str(out / weights.MODEL_FILE),
         interrupted=False,
+        stopped_early=False,
         params=mesh.to_host(state["params"]),
     )
+
+
+def _epochs_without_improvement(cur: int, best_step: int | None, steps_per_epoch: int) -> int:
+    """Finished epochs since the epoch of the best loss (all of them while no loss was finite)."""
+    if best_step is None:
+        return cur // steps_per_epoch
+    return cur // steps_per_epoch - math.ceil(best_step / steps_per_epoch)
+
+
+def _previewer(cfg: Config, val_pairs, train_pairs):
+    """The run's :class:`report.Previewer` (held-out pair first), or None with a warning."""
+    from cryoden.train import report
+
+    pair, held_out = (val_pairs[0], True) if val_pairs else (train_pairs[0], False)
+    try:
+        return report.Previewer(pair, cfg.model.spec, held_out, dtype=cfg.model.dtype)
+    except (ValueError, OSError) as e:
+        log.warning("no previews: %s", " ".join(str(e).split()))
+        return None
+
+
+def _show(previewer, out: Path, params, epoch: int, status: str) -> None:
+    """Write this epoch's preview and rewrite report.html; a failure only warns (training goes
+    on: the pictures are not worth a run)."""
+    from cryoden.train import report
+
+    try:
+        previewer.render(mesh.to_host(params), out / report.preview_name(epoch), epoch)
+        report.write_report(out, status, previewer.describe())
+    except (ValueError, OSError, RuntimeError) as e:
+        log.warning("epoch %d: preview or report not written: %s", epoch, " ".join(str(e).split()))
 
 
 class _CacheHits:
