@@ -107,7 +107,8 @@ def movies(tmp_path_factory):
 def reference(movies, tmp_path_factory):
     folder, gain, _ = movies
     out = tmp_path_factory.mktemp("ref") / "run"
-    result = loop.train(movie_cfg(folder, gain, out))
+    cfg = C.merge(movie_cfg(folder, gain, out), {"run": {"preview": True}})
+    result = loop.train(cfg)
     assert result["step"] == 4 and not result["interrupted"]  # 2 movies x 4 crops / 4, 2 epochs
     return out, result
 
@@ -116,9 +117,11 @@ def test_train_movies_caches_shifts_and_frames(movies, reference):
     folder, _, sims = movies
     out, result = reference
     cache = out / "movies"
+    val = [p.name for p in cache.glob("*.even.npy")]  # the preview's image
     assert sorted(p.name for p in cache.iterdir()) == sorted(
-        ["gain.npy", "mov0.npy", "mov0.star", "mov1.star", "mov2.star"]
+        ["gain.npy", "mov0.npy", "mov0.star", "mov1.star", "mov2.star", *val]
     )  # the LZW TIFF is decoded once; MRC stacks are mapped where they lie
+    assert len(val) == 1
     for k in range(3):
         assert motionstar.read(cache / f"mov{k}.star").shifts.shape == (FRAMES, 2)
     est = motionstar.read(cache / "mov0.star").shifts  # the movie whose gain was given
@@ -133,6 +136,12 @@ def test_train_movies_caches_shifts_and_frames(movies, reference):
         "gain.mrc",
     ]
     assert np.isfinite(result["best_val_loss"]) and (out / "model.npz").is_file()
+    # previews show the held-out movie's even half sum, as they show a pair's even half
+    assert sorted(p.name for p in (out / "previews").iterdir()) == [
+        "epoch001.png",
+        "epoch002.png",
+    ]
+    assert "held-out" in (out / "report.html").read_text()
 
 
 def test_movie_source_crops_are_half_sums_of_fresh_partitions(movies, tmp_path):

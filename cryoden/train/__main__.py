@@ -66,7 +66,8 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--gain-rot",
         type=int,
         choices=range(4),
-        help="rotate the gain 90 degrees clockwise this many times (RELION's --gain_rot); default: 0",
+        help="rotate the gain 90 degrees clockwise this many times (RELION's --gain_rot); "
+        "default: 0",
     )
     g.add_argument(
         "--gain-flip",

@@ -327,3 +327,17 @@ def _cache_gain(m, gain: GainSpec, npy: Path) -> str:
         with open(tmp, "wb") as f:
             np.save(f, g)
     return str(npy)
+
+
+def even_half_file(source: MovieSource, j: int, run: Path) -> Path:
+    """The even/odd partition's first half of movie ``j`` over its whole valid region, as
+    ``run/movies/<name>.even.npy`` ``(H, W)`` float32 (written atomically once; what the
+    training previews show, as they show the even half of a pair of half files)."""
+    path = run / CACHE / f"{source.pairs[j]}.even.npy"
+    if not path.is_file():
+        even, _ = halfsums.partition(len(source.movies[j].offsets), "even-odd")
+        image = source.half_window(j, even, (0, 0), source.shapes[j]).astype(np.float32)
+        with io.atomic(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, image)
+    return path
