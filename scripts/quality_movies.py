@@ -48,6 +48,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--crop", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--figure", type=Path, help="also draw the first test movie's results (PNG)")
     return p.parse_args()
 
 
@@ -121,8 +122,10 @@ def main() -> None:
     t0 = time.time()
     movies = args.out / "movies"
     movies.mkdir(parents=True, exist_ok=True)
-    for k in range(args.train):
-        write_movie(simulate(args, args.seed + k), movies / f"train{k:02d}.mrc")
+    for k in range(args.train):  # kept from an earlier run: its training runs are then reused
+        path = movies / f"train{k:02d}.mrc"
+        if not path.exists():
+            write_movie(simulate(args, args.seed + k), path)
     tests = []
     for k in range(args.test):
         sim = simulate(args, args.seed + 1000 + k)
@@ -133,23 +136,32 @@ def main() -> None:
     print(f"simulated {args.train} + {args.test} movies in {time.time() - t0:.0f} s", flush=True)
 
     scores: dict[str, list[float]] = {}
-    scores["raw sum"] = [snr_db(x, c, b) for x, c, b in tests]
+    shown: dict[str, np.ndarray] = {"clean signal": tests[0][1]}  # first test movie's results
+
+    def score(name: str, outputs: list[np.ndarray]) -> None:
+        scores[name] = [snr_db(d, c, b) for d, (_, c, b) in zip(outputs, tests, strict=True)]
+        shown[name] = outputs[0]
+
+    score("raw sum", [x for x, _, _ in tests])
     best = ("", -math.inf, [])
     for name, fn, values in (
         ("low-pass", filters.lowpass, (1.5, 2, 3, 4, 6, 8)),
         ("gaussian", filters.gaussian, (0.75, 1, 1.5, 2, 3, 4)),
     ):
         for v in values:
-            s = [snr_db(fn(x, v), c, b) for x, c, b in tests]
+            out = [fn(x, v) for x, _, _ in tests]
+            s = [snr_db(d, c, b) for d, (_, c, b) in zip(out, tests, strict=True)]
             if np.mean(s) > best[1]:
-                best = (f"{name} {v}", float(np.mean(s)), s)
-    scores[f"low-pass (best: {best[0]})"] = best[2]
+                best = (f"{name} {v}", float(np.mean(s)), out)
+    score(f"low-pass (best: {best[0]})", best[2])
     general = Denoiser("unet")
-    scores["unet (general)"] = [snr_db(general(x), c, b) for x, c, b in tests]
+    score("unet (general)", [general(x) for x, _, _ in tests])
     for split in ("random", "even-odd"):
         model = train(args, movies, args.out / f"run-{split}", split)
         net = Denoiser(str(model))
-        scores[f"unet + movies, {split}"] = [snr_db(net(x), c, b) for x, c, b in tests]
+        score(f"unet + movies, {split}", [net(x) for x, _, _ in tests])
+    if args.figure:
+        figure(args.figure, shown, scores, tests[0][2])
 
     lines = [
         "| method | SNR (dB) vs clean, per test movie | mean |",
@@ -163,6 +175,32 @@ def main() -> None:
     (args.out / "quality.json").write_text(json.dumps(record, indent=1) + "\n")
     print(table)
     print(f"total {time.time() - t0:.0f} s; {args.out / 'quality.json'}")
+
+
+def figure(path: Path, shown: dict[str, np.ndarray], scores: dict, border: int) -> None:
+    """Central crops of the first test movie's results, each titled with its SNR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(shown)
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.9))
+    for ax, (name, img) in zip(axes, shown.items(), strict=True):
+        crop = np.asarray(img, np.float64)[border:-border, border:-border]
+        lo, hi = np.percentile(crop, [1, 99])
+        ax.imshow(crop, cmap="gray", vmin=lo, vmax=hi)
+        title = name.replace(" (best: ", "\n(").replace("unet + movies, ", "fine-tuned, ")
+        if name in scores:
+            title += f"\n{scores[name][0]:.1f} dB"
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    from PIL import Image
+
+    Image.open(path).convert("L").save(path, optimize=True)  # grey levels only: a third the size
+    print(f"figure {path}")
 
 
 if __name__ == "__main__":
