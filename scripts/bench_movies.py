@@ -156,7 +156,7 @@ def main() -> int:
     import jax
 
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
-    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench_movies_") as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
         stored = write_movie(folder, args.size, args.frames, args.seed)
