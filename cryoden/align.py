@@ -245,10 +245,13 @@ def smooth_trajectory(raw: np.ndarray) -> np.ndarray:
     return best[1]
 
 
-def read_binned(frames, b: int) -> np.ndarray:
-    """Read every frame once and bin it: -> (N, H // b, W // b) float32."""
+def read_binned(frames, b: int, first: np.ndarray | None = None) -> np.ndarray:
+    """Read every frame once and bin it: -> (N, H // b, W // b) float32.
+
+    ``first``: frame 0 when the caller has already read it (it is not read again).
+    """
     n = frame_count(frames)
-    first = bin_frame(get_frame(frames, 0), b)
+    first = bin_frame(get_frame(frames, 0) if first is None else first, b)
     out = np.empty((n,) + first.shape, np.float32)
     out[0] = first
     for i in range(1, n):
@@ -301,10 +304,22 @@ def align_binned(binned, *, binning, bfactor, iterations, tolerance, group, radi
         centres = np.arange(n) // group
         t = np.array([np.mean(np.flatnonzero(centres == g)) for g in range(centres[-1] + 1)])
         values = shifts[[int(np.flatnonzero(centres == g)[0]) for g in range(len(t))]]
-        i = np.arange(n)
-        shifts = np.stack([np.interp(i, t, values[:, k]) for k in range(2)], axis=1)
+        shifts = _interpolate(t, values, np.arange(n))
         shifts -= shifts[0]
     return shifts
+
+
+def _interpolate(t, values, at):
+    """Piecewise-linear interpolation of (G, 2) ``values`` at ``t``, extrapolated linearly beyond
+    the first and last two points (frame 0 lies before the first group centre): -> (len(at), 2)."""
+    if len(t) < 2:
+        return np.repeat(values[:1], len(at), axis=0)
+    out = np.stack([np.interp(at, t, values[:, k]) for k in range(2)], axis=1)
+    for ends, sel in (((0, 1), at < t[0]), ((-2, -1), at > t[-1])):
+        a, b = ends
+        slope = (values[b] - values[a]) / (t[b] - t[a])
+        out[sel] = values[a] + (at[sel, None] - t[a]) * slope
+    return out
 
 
 def estimate_shifts(
@@ -331,9 +346,10 @@ def estimate_shifts(
     n = frame_count(frames)
     if n < 2:
         return Alignment(np.zeros((n, 2)), None)
-    first_shape = get_frame(frames, 0).shape
+    first = get_frame(frames, 0)
+    first_shape = first.shape
     b = int(binning) if binning else auto_binning(first_shape)
-    binned = read_binned(frames, b)
+    binned = read_binned(frames, b, first)
     raw = align_binned(
         binned, binning=b, bfactor=bfactor, iterations=iterations,
         tolerance=tolerance / b, group=group,

@@ -56,6 +56,14 @@ def test_shifts_match_truth(drifting):
     assert rms(a.shifts - movie.shifts) <= 0.5
 
 
+def test_grouped_frames_follow_the_trajectory(drifting):
+    """group=2 correlates pairs of frames; frame 0 (before the first centre) extrapolated."""
+    movie, frames, _ = drifting
+    a = align.estimate_shifts(frames, group=2)
+    assert np.all(a.shifts[0] == 0)
+    assert rms(a.shifts - movie.shifts) <= 0.6
+
+
 def test_aligned_sum_reaches_drift_free_snr(drifting):
     movie, frames, a = drifting
     still = simulate_movie(SHAPE, N, seed=5, dose_per_frame=DOSE, drift=0.0)
