@@ -7,6 +7,7 @@ examples:
   cryoden movies movies/*.tif -o aligned/ --gain gain.mrc   align movies, write even/odd sums
   cryoden train --even even/ --odd odd/ --out runs/mine     train on your own even/odd halves
   cryoden infer micrographs/*.mrc -o denoised/ --model runs/mine
+  cryoden evaluate --even even/ --odd odd/ -m unet -m runs/mine -o eval/   compare: split SNR
   cryoden convert model_epoch100.sav -o model.npz           use a model trained with Topaz
   cryoden relion denoise --o External/job003/ --in_mics MotionCorr/job002/corrected_micrographs.star
                                                             as a RELION External job
@@ -36,6 +37,7 @@ COMMANDS = {
         "cryoden.train.__main__",
         "train a denoiser on even/odd halves of micrographs or tomograms",
     ),
+    "evaluate": ("cryoden.evaluate", "measure denoising on even/odd halves: split SNR, FRC..."),
     "movies": ("cryoden.movies", "align movies; write aligned sums and even/odd half sums"),
     "convert": ("cryoden.convert", "convert Topaz/PyTorch weights (.sav, .pt) to cryoden's format"),
     "relion": ("cryoden.relion", "RELION External jobs: denoise, train, tomo-denoise, tomo-train"),
