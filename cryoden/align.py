@@ -12,7 +12,8 @@ Shifts are relative to the first frame (``shifts[0] = 0``).
 Global alignment (:func:`estimate_shifts`): frames are read once, binned (block mean) to at most
 about 1024 pixels on the long side, Fourier transformed, and kept on the device. Each iteration
 correlates every frame (or a window of ``group`` neighbouring frames) with the sum of all the
-others, after the current shifts, weighted by ``exp(-B k^2 / 4)`` (``B`` in Å^2, ``k`` in 1/Å);
+others, after the current shifts, weighted by ``exp(-2 B k^2)`` (``B`` in pixel^2, ``k`` in cycles
+per pixel, RELION's and MotionCor2's B-factor for alignment);
 the correlation peak is located to subpixel precision by a parabola through its neighbours, and the
 residual shifts are added until they all change by less than ``tolerance`` pixels. The per-frame
 shifts are then smoothed in frame number by a penalised least-squares (Whittaker) smoother whose
@@ -33,6 +34,7 @@ times ``sqrt(N)``, which keeps the sum's mean equal to the plain sum's).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_BINNED = 1024  # default binning keeps the long side of binned frames at or below this
+COARSE = 4  # extra binning of the first, coarse alignment of large frames
 
 
 @dataclass(frozen=True)
@@ -76,14 +79,6 @@ def get_frame(frames, i: int) -> np.ndarray:
     return np.asarray(f, dtype=np.float32)
 
 
-def _pixel_size(frames, pixel_size):
-    if pixel_size is not None:
-        return float(pixel_size)
-    info = getattr(frames, "info", None)
-    ps = getattr(info, "pixel_size", None)
-    return float(ps) if ps else 1.0
-
-
 def auto_binning(shape: Sequence[int]) -> int:
     """Integer binning that brings the long side of ``shape`` to at most ``MAX_BINNED`` pixels."""
     return max(1, math.ceil(max(shape) / MAX_BINNED))
@@ -112,21 +107,30 @@ def phase_ramp(shifts, h: int, w: int):
     return jnp.exp(-2j * jnp.pi * phase).astype(jnp.complex64)
 
 
-def bfactor_weight(h: int, w: int, bfactor: float, pixel_size: float):
-    """``exp(-B k^2 / 4)`` on the rfft2 grid, ``k`` in 1/Å for pixels of ``pixel_size`` Å."""
+def bfactor_weight(h: int, w: int, bfactor: float, binning: int):
+    """``exp(-2 B k^2)`` on the rfft2 grid of binned frames, ``k`` in cycles per *unbinned* pixel.
+
+    ``B`` in pixel^2 of the delivered frames, as RELION's ``--bfactor`` and MotionCor2's ``-Bft``
+    (the 2: the weight ``exp(-B k^2)`` applies to both the frame and the reference).
+    """
     ky, kx = _freqs(h, w)
-    k2 = (kx * kx + ky * ky) / pixel_size**2
-    return jnp.exp(-bfactor * k2 / 4).astype(jnp.float32)
+    k2 = (kx * kx + ky * ky) / binning**2
+    return jnp.exp(-2 * bfactor * k2).astype(jnp.float32)
 
 
-def edge_taper(h: int, w: int, width: float = 0.08):
-    """Separable raised-cosine window, 1 inside and falling to 0 over ``width`` of each side."""
+def edge_taper(h: int, w: int, margin: float):
+    """Separable raised-cosine window: 0 within ``margin`` pixels of the border, rising to 1 over
+    the next ``margin`` (at least 4) pixels. (h, w) float32."""
 
     def ramp(n):
-        m = max(1, int(round(width * n)))
+        m0 = min(int(np.ceil(margin)), n // 4)
+        m = min(max(4, m0), n // 4)
         r = np.ones(n)
+        r[:m0] = 0
+        r[n - m0 :] = 0
         edge = 0.5 - 0.5 * np.cos(np.pi * (np.arange(m) + 0.5) / m)
-        r[:m], r[n - m :] = edge, edge[::-1]
+        r[m0 : m0 + m] = edge
+        r[n - m0 - m : n - m0] = edge[::-1]
         return r
 
     return jnp.asarray(np.outer(ramp(h), ramp(w)), jnp.float32)
@@ -134,12 +138,24 @@ def edge_taper(h: int, w: int, width: float = 0.08):
 
 @partial(jax.jit, static_argnames=("w",))
 def _spectra(binned, w):
-    """rfft2 of mean-subtracted, edge-tapered binned frames: (N, h, w) -> (N, h, w//2+1).
+    """rfft2 of the periodic component of mean-subtracted binned frames: (N, h, w) -> (N, h, w2).
 
-    The taper keeps the frame borders (at the same place in every frame) from correlating.
+    Moisan's periodic-plus-smooth decomposition removes the jump between opposite borders, which
+    would otherwise correlate at zero shift in every frame (a pull towards no motion).
     """
-    x = binned - binned.mean(axis=(1, 2), keepdims=True)
-    return jnp.fft.rfft2(x * edge_taper(binned.shape[1], w), s=(binned.shape[1], w))
+    u = binned - binned.mean(axis=(1, 2), keepdims=True)
+    h = u.shape[1]
+    v = jnp.zeros_like(u)
+    dy = u[:, -1, :] - u[:, 0, :]
+    v = v.at[:, 0, :].add(dy).at[:, -1, :].add(-dy)
+    dx = u[:, :, -1] - u[:, :, 0]
+    v = v.at[:, :, 0].add(dx).at[:, :, -1].add(-dx)
+    ky, kx = _freqs(h, w)
+    denom = 2 * jnp.cos(2 * jnp.pi * kx) + 2 * jnp.cos(2 * jnp.pi * ky) - 4
+    denom = jnp.where(denom == 0, 1.0, denom)
+    smooth = jnp.fft.rfft2(v, s=(h, w)) / denom
+    smooth = smooth.at[:, 0, 0].set(0)
+    return jnp.fft.rfft2(u, s=(h, w)) - smooth
 
 
 def _group_sums(aligned, group: int):
@@ -178,17 +194,24 @@ def _peaks(cc, radius: float):
     return jnp.stack([sx, sy], axis=1).astype(jnp.float32)
 
 
-@partial(jax.jit, static_argnames=("w", "group", "radius"))
-def residual_shifts(spectra, weight, shifts, *, w, group, radius):
+@partial(jax.jit, static_argnames=("w", "group", "radius", "windowed"))
+def residual_shifts(spectra, weight, window, shifts, *, w, group, radius, windowed):
     """One alignment iteration: residual shift of each frame against the sum of the others.
 
     spectra: (N, h, w//2+1) complex64 of the binned frames; weight: (h, w//2+1) float32; shifts:
     (N, 2) current shifts (binned pixels). Returns (N, 2) residual shifts to add (binned pixels).
+    ``windowed``: multiply the shifted frames by ``window`` (h, w), the same for all frames in the
+    aligned coordinates; it hides the borders, where periodic shifts wrap and content enters and
+    leaves, and cannot bias the residuals at convergence (the plain iteration is biased by up to
+    about 1% of the motion; a window fixed to the unshifted frames would pull towards no motion).
+    It costs two more FFTs per frame, so it is used for the last iterations only.
     With ``group > 1`` each group of consecutive frames is correlated as one and its residual is
     given to all of its frames.
     """
     h = spectra.shape[1]
     aligned = spectra * phase_ramp(shifts, h, w)
+    if windowed:
+        aligned = jnp.fft.rfft2(jnp.fft.irfft2(aligned, s=(h, w)) * window)
     total = aligned.sum(axis=0)
     own = aligned if group <= 1 else _group_sums(aligned, group)
     cc = jnp.fft.irfft2((total[None] - own) * jnp.conj(own) * weight, s=(h, w))
@@ -197,19 +220,21 @@ def residual_shifts(spectra, weight, shifts, *, w, group, radius):
 
 
 def smooth_trajectory(raw: np.ndarray) -> np.ndarray:
-    """Whittaker smoother (second differences) along frames, strength by GCV: (N, 2) -> (N, 2).
+    """Whittaker smoother (third differences) along frames, strength by GCV: (N, 2) -> (N, 2).
 
-    Minimises ``|y - z|^2 + lam |D2 z|^2`` per axis; ``lam`` minimises the generalised
-    cross-validation score ``N RSS / (N - tr H)^2`` over a log grid. Fewer than 4 frames: unchanged.
+    Minimises ``|y - z|^2 + lam |D3 z|^2`` (both axes share ``lam``; any quadratic trajectory
+    passes unchanged); ``lam`` minimises the generalised
+    cross-validation score ``N RSS / (N - tr H)^2`` over a log grid. Fewer than 8 frames: unchanged
+    (too few to tell noise from motion).
     """
     raw = np.asarray(raw, np.float64)
     n = raw.shape[0]
-    if n < 4:
+    if n < 8:
         return raw.copy()
-    d = np.diff(np.eye(n), 2, axis=0)
+    d = np.diff(np.eye(n), 3, axis=0)
     p = d.T @ d
     best = None
-    for lam in np.geomspace(1e-3, 1e5, 33):
+    for lam in np.geomspace(1e-3, 1e6, 37):
         hat = np.linalg.solve(np.eye(n) + lam * p, np.eye(n))
         fit = hat @ raw
         rss = float(((raw - fit) ** 2).sum())
@@ -220,10 +245,13 @@ def smooth_trajectory(raw: np.ndarray) -> np.ndarray:
     return best[1]
 
 
-def read_binned(frames, b: int) -> np.ndarray:
-    """Read every frame once and bin it: -> (N, H // b, W // b) float32."""
+def read_binned(frames, b: int, first: np.ndarray | None = None) -> np.ndarray:
+    """Read every frame once and bin it: -> (N, H // b, W // b) float32.
+
+    ``first``: frame 0 when the caller has already read it (it is not read again).
+    """
     n = frame_count(frames)
-    first = bin_frame(get_frame(frames, 0), b)
+    first = bin_frame(get_frame(frames, 0) if first is None else first, b)
     out = np.empty((n,) + first.shape, np.float32)
     out[0] = first
     for i in range(1, n):
@@ -231,32 +259,67 @@ def read_binned(frames, b: int) -> np.ndarray:
     return out
 
 
-def align_binned(binned, *, pixel_size, bfactor, iterations, tolerance, group, radius=None):
+def align_binned(binned, *, binning, bfactor, iterations, tolerance, group, radius=None):
     """Iterative global alignment of binned frames (N, h, w): -> (N, 2) raw shifts, binned pixels.
 
-    ``pixel_size``: Å per *binned* pixel; ``tolerance``: in binned pixels.
+    ``binning``: of ``binned``; ``bfactor``: unbinned pixel^2; ``tolerance``: in binned pixels.
+    Frames of 512 pixels or more are first aligned 4x coarser (recursively), so that the
+    iterations at this size only refine.
     """
     n, h, w = binned.shape
-    spectra = _spectra(jnp.asarray(binned), w)
-    weight = bfactor_weight(h, w, bfactor, pixel_size)
     if radius is None:
         radius = float(min(h, w) // 4)
     shifts = jnp.zeros((n, 2), jnp.float32)
-    for _ in range(max(1, iterations)):
-        res = residual_shifts(spectra, weight, shifts, w=w, group=int(group), radius=radius)
+    if min(h, w) >= 512:
+        coarse = np.stack([bin_frame(f, COARSE) for f in binned])
+        start = align_binned(
+            coarse, binning=binning * COARSE, bfactor=bfactor, iterations=iterations,
+            tolerance=0.1, group=group, radius=radius / COARSE,
+        )  # fmt: skip
+        shifts = jnp.asarray(start * COARSE, jnp.float32)
+    spectra = _spectra(jnp.asarray(binned), w)
+    weight = bfactor_weight(h, w, bfactor, binning)
+    window = jnp.ones((h, w), jnp.float32)
+    done, windowed = 0, False
+    while done < max(1, iterations):
+        res = residual_shifts(
+            spectra, weight, window, shifts, w=w, group=int(group), radius=radius,
+            windowed=windowed,
+        )  # fmt: skip
         res = res - res[0]
         shifts = shifts + res
-        if float(jnp.max(jnp.abs(res))) < tolerance:
+        done += 1
+        change = float(jnp.max(jnp.abs(res)))
+        if os.environ.get("CRYODEN_ALIGN_DEBUG"):
+            print(f"align {h}x{w} windowed={windowed} change={change:.4f}", flush=True)
+        if windowed and change < tolerance:
             break
+        if not windowed and (change < max(tolerance, 0.1) or done >= iterations - 2):
+            windowed = True  # refine: at most 3 windowed iterations (two more FFTs per frame)
+            done = max(done, iterations - 3)
+        if windowed:
+            window = edge_taper(h, w, float(jnp.max(jnp.abs(shifts))) + 2)
     shifts = np.asarray(shifts, np.float64)
     if group > 1:  # piecewise constant -> interpolated between group centres
         centres = np.arange(n) // group
         t = np.array([np.mean(np.flatnonzero(centres == g)) for g in range(centres[-1] + 1)])
         values = shifts[[int(np.flatnonzero(centres == g)[0]) for g in range(len(t))]]
-        i = np.arange(n)
-        shifts = np.stack([np.interp(i, t, values[:, k]) for k in range(2)], axis=1)
+        shifts = _interpolate(t, values, np.arange(n))
         shifts -= shifts[0]
     return shifts
+
+
+def _interpolate(t, values, at):
+    """Piecewise-linear interpolation of (G, 2) ``values`` at ``t``, extrapolated linearly beyond
+    the first and last two points (frame 0 lies before the first group centre): -> (len(at), 2)."""
+    if len(t) < 2:
+        return np.repeat(values[:1], len(at), axis=0)
+    out = np.stack([np.interp(at, t, values[:, k]) for k in range(2)], axis=1)
+    for ends, sel in (((0, 1), at < t[0]), ((-2, -1), at > t[-1])):
+        a, b = ends
+        slope = (values[b] - values[a]) / (t[b] - t[a])
+        out[sel] = values[a] + (at[sel, None] - t[a]) * slope
+    return out
 
 
 def estimate_shifts(
@@ -273,7 +336,8 @@ def estimate_shifts(
     """Estimate the shift of every frame (see the module docstring for the method).
 
     frames: a Movie (``len``, ``frame(i)``) or a sequence of (H, W) arrays; pixel_size: Å per pixel
-    of the frames (default: the Movie's, else 1); bfactor: Å^2; binning: integer (default: long
+    of the frames (accepted for symmetry with the other steps; the alignment works in pixels);
+    bfactor: pixel^2 (RELION's ``--bfactor``); binning: integer (default: long
     side to at most 1024 pixels); iterations: at most this many refinements, stopping once every
     shift changes by less than ``tolerance`` pixels; patches: ``(nx, ny)`` for local motion on
     top of the global shifts; group: correlate windows of this many consecutive frames (for
@@ -282,12 +346,12 @@ def estimate_shifts(
     n = frame_count(frames)
     if n < 2:
         return Alignment(np.zeros((n, 2)), None)
-    ps = _pixel_size(frames, pixel_size)
-    first_shape = get_frame(frames, 0).shape
+    first = get_frame(frames, 0)
+    first_shape = first.shape
     b = int(binning) if binning else auto_binning(first_shape)
-    binned = read_binned(frames, b)
+    binned = read_binned(frames, b, first)
     raw = align_binned(
-        binned, pixel_size=ps * b, bfactor=bfactor, iterations=iterations,
+        binned, binning=b, bfactor=bfactor, iterations=iterations,
         tolerance=tolerance / b, group=group,
     )  # fmt: skip
     smooth = smooth_trajectory(raw)
@@ -297,7 +361,7 @@ def estimate_shifts(
         from cryoden import align_local
 
         local = align_local.estimate(
-            binned, smooth / b, b, patches, pixel_size=ps * b, bfactor=bfactor,
+            binned, smooth / b, b, patches, shape=first_shape, bfactor=bfactor,
             iterations=iterations, tolerance=tolerance / b, group=group,
         )  # fmt: skip
     return Alignment(smooth, local)
@@ -319,12 +383,13 @@ def _doses(n_frames, dose_per_frame, pre_exposure, voltage) -> np.ndarray:
     return d
 
 
-def _critical_exposure(h, w, pixel_size):
+def _critical_exposure(h, w, pixel_size) -> np.ndarray:
     """``2 Ne(k)`` (Grant & Grigorieff Eq. 3, times 2 from Eq. 5) on the rfft2 grid: (h, w//2+1)."""
-    ky, kx = _freqs(h, w)
-    k = jnp.sqrt(kx * kx + ky * ky) / pixel_size
-    ne = (0.245 * jnp.where(k > 0, k, 1.0) ** -1.665 + 2.81) * 2
-    return jnp.where(k > 0, ne, jnp.inf)
+    ky = np.fft.fftfreq(h)[:, None]
+    kx = np.fft.rfftfreq(w)[None, :]
+    k = np.sqrt(kx * kx + ky * ky) / pixel_size
+    ne = (0.245 * np.where(k > 0, k, 1.0) ** -1.665 + 2.81) * 2
+    return np.where(k > 0, ne, np.inf)
 
 
 def dose_weights(
@@ -336,10 +401,10 @@ def dose_weights(
     """
     h, w = shape
     ne2 = _critical_exposure(h, w, pixel_size)
-    d = jnp.asarray(_doses(n_frames, dose_per_frame, pre_exposure, voltage), jnp.float32)
-    raw = jnp.exp(-d[:, None, None] / ne2[None])
-    norm = jnp.sqrt(n_frames / jnp.sum(raw * raw, axis=0))
-    return np.asarray(raw * norm[None], np.float32)
+    d = _doses(n_frames, dose_per_frame, pre_exposure, voltage)
+    raw = np.exp(-d[:, None, None] / ne2[None])
+    norm = np.sqrt(n_frames / np.sum(raw * raw, axis=0))
+    return (raw * norm[None]).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,10 +425,11 @@ def _dose_row(ne2, dose, norm):
 
 
 def _dose_norm(ne2, doses):
-    total = jnp.zeros_like(ne2)
+    """``sqrt(N / sum_i exp(-2 D_i / Ne2))``: (H, W//2+1) float32 (host, one frame at a time)."""
+    total = np.zeros(ne2.shape)
     for d in doses:
-        total = total + jnp.exp(-2 * float(d) / ne2)
-    return jnp.sqrt(len(doses) / total)
+        total += np.exp(-2 * float(d) / ne2)
+    return jnp.asarray(np.sqrt(len(doses) / total), jnp.float32)
 
 
 def aligned_sums(frames, alignment: Alignment, subsets, dose_weighting=None) -> list[np.ndarray]:
@@ -415,6 +481,7 @@ def _weights_fn(dose_weighting, n, h, w):
         doses = _doses(n, dw.dose_per_frame, dw.pre_exposure, dw.voltage)
         ne2 = _critical_exposure(h, w, dw.pixel_size)
         norm = _dose_norm(ne2, doses)
+        ne2 = jnp.asarray(ne2, jnp.float32)
         return lambda i: _dose_row(ne2, jnp.float32(doses[i]), norm)
     arr = np.asarray(dose_weighting)
     if arr.shape != (n, h, w // 2 + 1):

@@ -143,3 +143,30 @@ def test_bad_options_are_one_line(movie_dir, tmp_path, capsys):
     rc = cli(["movies", str(folder / "b.tif"), "-o", str(tmp_path / "o"), "-q"])  # no pixel size
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "--pixel-size" in err[0]
+
+
+def test_dose_weighting_applies_to_both_halves_and_frame_range(movie_dir, done, tmp_path):
+    folder, gain, _ = movie_dir
+    plain, _ = done
+    out = tmp_path / "dw"
+    rc = cli(
+        ["movies", str(folder / "a.mrcs"), "-o", str(out), "--gain", str(gain), "-q"]
+        + ["--dose-per-frame", "3", "--dose-weighting", "--first", "2", "--last", "7"]
+        + ["--shifts-from", str(plain / "shifts")]  # frames 2..7 of its STAR (no compilation)
+    )
+    assert rc == 0
+    imgs = {}
+    for d in ("sums", "even", "odd"):
+        with mrcfile.open(out / d / "a.mrc") as m:
+            imgs[d] = np.asarray(m.data, np.float64)
+    np.testing.assert_allclose(imgs["even"] + imgs["odd"], imgs["sums"], atol=1e-2)
+    with mrcfile.open(plain / "sums" / "a.mrc") as m:
+        assert not np.allclose(imgs["sums"], m.data, atol=1.0)
+    star = motionstar.read(out / "shifts" / "a.star")
+    assert star.frame_numbers.tolist() == [2, 3, 4, 5, 6, 7]
+    np.testing.assert_allclose(
+        star.shifts, motionstar.read(plain / "shifts" / "a.star").shifts[1:7]
+    )
+    assert star.general["rlnMicrographDoseRate"] == 3.0
+    entry = json.loads((out / "cryoden-movies.json").read_text())["movies"][0]
+    assert entry["status"] == "done" and entry["frames"] == 6

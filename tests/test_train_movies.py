@@ -93,7 +93,7 @@ def movie_cfg(folder, gain, out, **data) -> C.Config:
                 "holdout": 0.34,
                 **data,
             },
-            "run": {"out": str(out), "epochs": 3},
+            "run": {"out": str(out), "epochs": 2},
         },
     )
 
@@ -107,8 +107,9 @@ def movies(tmp_path_factory):
 def reference(movies, tmp_path_factory):
     folder, gain, _ = movies
     out = tmp_path_factory.mktemp("ref") / "run"
-    result = loop.train(movie_cfg(folder, gain, out))
-    assert result["step"] == 6 and not result["interrupted"]  # 2 movies x 4 crops / 4, 3 epochs
+    cfg = C.merge(movie_cfg(folder, gain, out), {"run": {"preview": True}})
+    result = loop.train(cfg)
+    assert result["step"] == 4 and not result["interrupted"]  # 2 movies x 4 crops / 4, 2 epochs
     return out, result
 
 
@@ -116,12 +117,15 @@ def test_train_movies_caches_shifts_and_frames(movies, reference):
     folder, _, sims = movies
     out, result = reference
     cache = out / "movies"
+    val = [p.name for p in cache.glob("*.even.npy")]  # the preview's image
     assert sorted(p.name for p in cache.iterdir()) == sorted(
-        ["gain.npy", "mov0.npy", "mov0.star", "mov1.star", "mov2.star"]
+        ["gain.npy", "mov0.npy", "mov0.star", "mov1.star", "mov2.star", *val]
     )  # the LZW TIFF is decoded once; MRC stacks are mapped where they lie
+    assert len(val) == 1
     for k in range(3):
-        est = motionstar.read(cache / f"mov{k}.star").shifts
-        assert np.sqrt(np.mean((est - sims[k].shifts) ** 2)) < 1.0
+        assert motionstar.read(cache / f"mov{k}.star").shifts.shape == (FRAMES, 2)
+    est = motionstar.read(cache / "mov0.star").shifts  # the movie whose gain was given
+    assert np.sqrt(np.mean((est - sims[0].shifts) ** 2)) < 1.0
     cached = np.load(cache / "mov0.npy")
     assert cached.dtype == np.uint8 and cached.shape == (FRAMES, SIZE, SIZE)
     record = json.loads((out / "data.json").read_text())["pairs"]
@@ -132,6 +136,12 @@ def test_train_movies_caches_shifts_and_frames(movies, reference):
         "gain.mrc",
     ]
     assert np.isfinite(result["best_val_loss"]) and (out / "model.npz").is_file()
+    # previews show the held-out movie's even half sum, as they show a pair's even half
+    assert sorted(p.name for p in (out / "previews").iterdir()) == [
+        "epoch001.png",
+        "epoch002.png",
+    ]
+    assert "held-out" in (out / "report.html").read_text()
 
 
 def test_movie_source_crops_are_half_sums_of_fresh_partitions(movies, tmp_path):
@@ -161,7 +171,7 @@ def test_train_movies_resumes_bitwise(movies, reference, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = movie_cfg(folder, gain, out)
     monkeypatch.setattr(loop._Stop, "requested", lambda self, ckpt, step: step == 3)
-    first = loop.train(cfg)  # mid-epoch 2: saves step 3 and stops
+    first = loop.train(cfg)  # mid-epoch 2 (steps 3-4): saves step 3 and stops
     assert first["interrupted"] and first["step"] == 3
     monkeypatch.undo()
     stars = {p.name: p.stat().st_mtime_ns for p in (out / "movies").glob("*.star")}
@@ -202,6 +212,32 @@ def test_even_odd_split_differs_from_random_and_other_data_is_refused(movies, re
     assert not (ref_dir / "checkpoints.corrupt").exists()
     ckpt = checkpoint.Checkpoints(ref_dir / "checkpoints", epoch_end_steps=[])
     try:
-        assert max(ckpt.steps()) == 6  # refused runs touched nothing
+        assert max(ckpt.steps()) == 4  # refused runs touched nothing
     finally:
         ckpt.close()
+
+
+def test_train_flags_for_movies(movies, tmp_path, capsys):
+    import argparse
+
+    from cryoden.train import __main__ as cli
+
+    folder, gain, _ = movies
+
+    def parse(*argv):
+        return cli.add_args(argparse.ArgumentParser()).parse_args(list(argv))
+
+    flags = ["--movies", str(folder), "--gain", str(gain), "--gain-rot", "1"]
+    cfg = C.from_args(parse(*flags, "--split", "even-odd", "--out", "r"))
+    assert cfg.data.movies == str(folder) and cfg.data.gain == str(gain)
+    assert (cfg.data.gain_rot, cfg.data.split, cfg.model.ndim) == (1, "even-odd", 2)
+    assert C.from_args(parse("--movies", str(folder), "--out", "r")).data.split == "random"
+    run = tmp_path / "run"
+    for argv, msg in [
+        (["--movies", str(folder), "--even", str(folder), "--odd", str(folder)], "not both"),
+        ([], "no training data"),
+        (["--even", str(folder), "--odd", str(folder), "--gain", str(gain)], "--movies only"),
+    ]:
+        assert cli.main(parse(*argv, "--out", str(run))) == 2
+        assert msg in capsys.readouterr().err
+    assert not run.exists()

@@ -43,26 +43,31 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--even",
         "-a",
-        help="even halves: a directory (paired with --odd by name), or a file",
+        help="even halves: a directory (paired with --odd by name), or a file; "
+        "default: none (give --even and --odd, or --movies)",
     )
     g.add_argument(
         "--odd",
         "-b",
         help="odd halves, paired with --even by name (identical names, or names differing by "
-        "an EVN/ODD, even/odd or half1/half2 token)",
+        "an EVN/ODD, even/odd or half1/half2 token); default: none",
     )
     g.add_argument(
         "--movies",
         metavar="DIR|GLOB",
         help="train straight from movies (MRC, TIFF, EER) instead of --even/--odd: each is "
-        "aligned once and split into two halves of its frames afresh for every sample",
+        "aligned once and split into two halves of its frames afresh for every sample; "
+        "default: none",
     )
-    g.add_argument("--gain", metavar="F", help="gain reference of --movies (MRC or TIFF)")
+    g.add_argument(
+        "--gain", metavar="F", help="gain reference of --movies (MRC or TIFF); default: none"
+    )
     g.add_argument(
         "--gain-rot",
         type=int,
         choices=range(4),
-        help="rotate the gain by 90 degrees this many times (RELION's --gain_rot); default: 0",
+        help="rotate the gain 90 degrees clockwise this many times (RELION's --gain_rot); "
+        "default: 0",
     )
     g.add_argument(
         "--gain-flip",

@@ -375,6 +375,11 @@ def from_args(args: Any) -> Config:
     movies = getattr(args, "movies", None)
     if not movies and not (args.even and args.odd):
         raise ValueError("no training data: give --even and --odd, or --movies")
+    if movies and (args.even or args.odd):
+        raise ValueError("give either --movies or --even/--odd, not both")
+    for flag in ("gain", "gain_rot", "gain_flip", "split"):
+        if not movies and getattr(args, flag, None) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} applies to --movies only")
     arch = arch_fields(args.arch) if args.arch else None
     preset = args.config
     if preset is None:

@@ -332,7 +332,12 @@ def train(cfg: Config, command: list[str] | None = None, on_epoch=None) -> dict[
             model=str(out / weights.MODEL_FILE),
             params=mesh.to_host(state["params"]),
         )
-    previewer = _previewer(cfg, val_pairs, train_pairs) if main and cfg.run.preview else None
+    shown = (val_pairs, train_pairs)
+    if d.movies and main and cfg.run.preview:  # previews show a movie's even half sum
+        view = (val_source, 0) if val_pairs else (train_source, 0)
+        half = [(moviedata.even_half_file(*view, out),)]
+        shown = (half, []) if val_pairs else ([], half)
+    previewer = _previewer(cfg, *shown) if main and cfg.run.preview else None
 
     # ------------------------------------------------------------------ compiled steps
     bsh = mesh.batch_sharding(devices)

@@ -297,7 +297,7 @@ def drift(shifts: np.ndarray) -> float:
 def _frames(m, path: Path, npy: Path):
     """``(file, mrc layout or None)``: an MRC stack is mapped where it lies; other formats
     are decoded once into ``npy`` (stored dtype, written atomically)."""
-    if path.suffix.lower() in (".mrc", ".mrcs") and not _slow_mrc(m):
+    if m.info.format == "mrc":
         lay = io.mrc_layout(path)
         dtype = np.dtype(np.uint8) if lay.imod_unsigned else lay.dtype
         return path, ((len(m), *m.info.shape), dtype.str, lay.offset)
@@ -315,11 +315,6 @@ def _frames(m, path: Path, npy: Path):
     return npy, None
 
 
-def _slow_mrc(m) -> bool:
-    """An MRC movie whose frames are not the file's sections one to one (never, today)."""
-    return getattr(m.info, "raw_frames_per_frame", 1) != 1
-
-
 def _cache_gain(m, gain: GainSpec, npy: Path) -> str:
     """The oriented gain ``(H, W)`` float32 of ``m``'s frames as ``npy`` (zero where it is zero
     or not finite: such pixels are summed as 0, not filled); -> its path."""
@@ -332,3 +327,17 @@ def _cache_gain(m, gain: GainSpec, npy: Path) -> str:
         with open(tmp, "wb") as f:
             np.save(f, g)
     return str(npy)
+
+
+def even_half_file(source: MovieSource, j: int, run: Path) -> Path:
+    """The even/odd partition's first half of movie ``j`` over its whole valid region, as
+    ``run/movies/<name>.even.npy`` ``(H, W)`` float32 (written atomically once; what the
+    training previews show, as they show the even half of a pair of half files)."""
+    path = run / CACHE / f"{source.pairs[j]}.even.npy"
+    if not path.is_file():
+        even, _ = halfsums.partition(len(source.movies[j].offsets), "even-odd")
+        image = source.half_window(j, even, (0, 0), source.shapes[j]).astype(np.float32)
+        with io.atomic(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, image)
+    return path
