@@ -91,6 +91,31 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--skip-existing", action="store_true", help="skip movies whose outputs all exist"
     )
     g.add_argument("--quiet", "-q", action="store_true", help="errors only")
+    g = p.add_argument_group("collection time and clusters (as cryoden infer)")
+    g.add_argument(
+        "--watch",
+        action="store_true",
+        help="follow the input folders (or quoted glob patterns) and process each movie once it "
+        "is complete; a restart never repeats a movie",
+    )
+    g.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="--watch: a movie is complete when unchanged for S seconds (default: 5)",
+    )
+    g.add_argument(
+        "--idle",
+        type=float,
+        metavar="S",
+        help="--watch: stop after S seconds without new movies (default: until Ctrl-C)",
+    )
+    g.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="process the I-th of N shares of the movies; default: from Slurm, else all",
+    )
 
 
 def _check_options(args: argparse.Namespace) -> str | None:
@@ -114,6 +139,9 @@ def _check_options(args: argparse.Namespace) -> str | None:
             args.shifts_from is None or Path(args.shifts_from).is_dir(),
             f"--shifts-from {args.shifts_from}: not a folder",
         ),
+        (math.isfinite(args.settle) and args.settle >= 0, "--settle must be >= 0 seconds"),
+        (args.idle is None or args.idle >= 0, "--idle must be >= 0 seconds"),
+        (args.watch or args.idle is None, "--idle applies to --watch only"),
     ]
     return next((msg for ok, msg in checks if not ok), None)
 
@@ -169,12 +197,19 @@ def main(args: argparse.Namespace) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from cryoden import io, outputs
+    from cryoden import shard as sharding
     from cryoden.progress import Progress
 
+    share = sharding.from_environment(args.shard)
     outdir = Path(args.out)
     if outdir.exists() and not outdir.is_dir():
         raise ValueError(f"-o {outdir} is a file, not a folder")
-    movies = expand(args.movies)
+    record = outdir / (RECORD if share is None else RECORD.replace(".json", f".{share.tag}.json"))
+    movies = [] if args.watch else expand(args.movies)
+    if args.watch:
+        problem = _watch_problem(args.movies, outdir)
+        if problem:
+            raise ValueError(f"--watch: {problem}")
     jobs = []
     for movie, problem in movies:
         outs = outputs_of(movie, outdir)
@@ -184,7 +219,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.shifts_from:
         extra += [Path(args.shifts_from) / f"{m.stem}.star" for m, _ in movies]
     jobs += [outputs.Job(Path(f)) for f in extra if f]
-    clash = outputs.conflicts(jobs, outdir / RECORD)
+    clash = outputs.conflicts(jobs, record)
     if clash:
         raise ValueError(re.sub(r"choose another -o.*$", "choose another -o", clash))
     names: dict[str, Path] = {}
@@ -195,45 +230,32 @@ def _main(args: argparse.Namespace) -> int:
                 "nothing was done; rename one or run them into different -o folders"
             )
         names[movie.stem] = movie
+    movies = sharding.take(movies, share)
     for d in SUBDIRS:
         (outdir / d).mkdir(parents=True, exist_ok=True)
         io.remove_stale_temporaries(outdir / d)
 
-    show = Progress(len(movies), args.quiet)
+    show = Progress(1 if args.watch else len(movies), args.quiet)
+    if share is not None:
+        show.say(
+            f"cryoden: {share}: "
+            + ("movies as they come" if args.watch else f"{len(movies)} movie(s)")
+        )
     t0, log = time.time(), []
     options = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    status = 0
     try:
-        for movie, problem in movies:
-            entry = {"movie": str(movie)}
-            log.append(entry)
-            if (
-                problem is None
-                and args.skip_existing
-                and all(o.exists() for o in outputs_of(movie, outdir))
-            ):
-                entry["status"] = "skipped"
-                show.say(f"cryoden: {movie}: skipped (outputs exist)")
-                show.file_done()
-                continue
-            try:
-                if problem is not None:
-                    raise ValueError(problem)
-                entry.update(_one(movie, outdir, args, show), status="done")
-            except (ValueError, OSError, MemoryError) as e:
-                from cryoden.infer import line
-
-                entry.update(status="error", error=line(movie, e))
-                show.error(entry["error"])
-                status = 1
-            show.file_done()
+        if args.watch:
+            _watch(args, outdir, share, show, log)
+        else:
+            for movie, problem in movies:
+                _process(movie, problem, outdir, args, show, log)
     except KeyboardInterrupt:
         show.close()
-        _record(outdir, options, log, time.time() - t0, interrupted=True)
+        _record(record, options, log, time.time() - t0, interrupted=True)
         print("cryoden: interrupted; finished movies are complete", file=sys.stderr)
         return 130
     show.close()
-    _record(outdir, options, log, time.time() - t0, interrupted=False)
+    _record(record, options, log, time.time() - t0, interrupted=False)
     done = sum(e["status"] == "done" for e in log)
     bad = sum(e["status"] == "error" for e in log)
     where = f"; halves in {outdir / 'even'} and {outdir / 'odd'}" if done else ""
@@ -241,7 +263,86 @@ def _main(args: argparse.Namespace) -> int:
         f"cryoden: {done} movie(s) done, {len(log) - done - bad} skipped, {bad} failed, "
         f"{time.time() - t0:.1f} s{where}"
     )
-    return status
+    return 1 if bad else 0
+
+
+def _process(movie: Path, problem, outdir: Path, args, show, log: list[dict]) -> dict:
+    """Process one movie (one line when it fails); append and return its record entry."""
+    from cryoden.infer import line
+
+    entry = {"movie": str(movie)}
+    log.append(entry)
+    if (
+        problem is None
+        and args.skip_existing
+        and all(o.exists() for o in outputs_of(movie, outdir))
+    ):
+        entry["status"] = "skipped"
+        show.say(f"cryoden: {movie}: skipped (outputs exist)")
+        show.file_done()
+        return entry
+    try:
+        if problem is not None:
+            raise ValueError(problem)
+        entry.update(_one(movie, outdir, args, show), status="done")
+    except (ValueError, OSError, MemoryError) as e:
+        entry.update(status="error", error=line(movie, e))
+        show.error(entry["error"])
+    show.file_done()
+    return entry
+
+
+def _watch_problem(inputs: list[str], outdir: Path) -> str | None:
+    """Why ``inputs`` cannot be watched into ``outdir`` (outputs would be new inputs), or None."""
+    from cryoden import watch
+
+    out = os.path.realpath(outdir)
+    for s in inputs:
+        if watch.is_pattern(s):
+            continue
+        if not os.path.isdir(s):
+            return f"{s} is not a folder: --watch follows folders or quoted glob patterns"
+        real = os.path.realpath(s)
+        if real == out or os.path.dirname(real) == out:
+            return (
+                f"the output folder {outdir} (or one of its folders) is watched; choose another -o"
+            )
+    return None
+
+
+def _watch(args, outdir: Path, share, show, log: list[dict]) -> None:
+    """Process movies as they become complete; each once, also across restarts."""
+    from cryoden import shard as sharding
+    from cryoden import watch
+    from cryoden.movie import SUFFIXES
+
+    name = "cryoden-movies-watch" + (f".{share.tag}" if share else "") + ".jsonl"
+    manifest = watch.Manifest(outdir / name)
+    finished = manifest.finished()
+    follower = watch.Follower(
+        args.movies,
+        SUFFIXES,
+        settle=args.settle,
+        poll=min(2.0, max(args.settle / 2, 0.05)),
+        idle=args.idle,
+        done=finished,
+        owns=lambda n: sharding.owns(n, share),
+    )
+    if finished:
+        show.say(f"cryoden: {len(finished)} movie(s) already done according to {manifest.path}")
+    stems: dict[str, str] = {
+        Path(e["input"]).stem: e["input"] for e in finished.values() if e.get("status") == "done"
+    }
+    for movie in follower:
+        problem = None
+        if any(follower.would_take(o) for o in outputs_of(movie, outdir)):
+            problem = "its outputs would be watched as new movies; choose another -o"
+        elif stems.get(movie.stem, str(movie)) != str(movie):
+            problem = f"{stems[movie.stem]} was already written as {movie.stem}.mrc"
+        entry = _process(movie, problem, outdir, args, show, log)
+        if entry["status"] == "done":
+            stems[movie.stem] = str(movie)
+        manifest.add({**entry, "input": str(movie), "time": time.time()})
 
 
 def _one(movie: Path, outdir: Path, args, show) -> dict:
@@ -335,8 +436,9 @@ def _read_shifts(star: Path, first: int, n: int):
     return np.asarray(ms.shifts, np.float64)[[pos[int(k)] for k in want]]
 
 
-def _record(outdir: Path, options: dict, log: list[dict], seconds: float, interrupted) -> None:
-    """OUTDIR/cryoden-movies.json: options, each movie's outcome, written atomically."""
+def _record(path: Path, options: dict, log: list[dict], seconds: float, interrupted) -> None:
+    """OUTDIR/cryoden-movies.json (per share: .shard-I-of-N.json): options, each movie's
+    outcome, written atomically."""
     from cryoden import __version__, io
 
     rec = dict(
@@ -348,5 +450,5 @@ def _record(outdir: Path, options: dict, log: list[dict], seconds: float, interr
         interrupted=interrupted,
         movies=log,
     )
-    with io.atomic(outdir / RECORD) as tmp:
+    with io.atomic(path) as tmp:
         tmp.write_text(json.dumps(rec, indent=1, default=str) + "\n")

@@ -170,3 +170,36 @@ def test_dose_weighting_applies_to_both_halves_and_frame_range(movie_dir, done, 
     assert star.general["rlnMicrographDoseRate"] == 3.0
     entry = json.loads((out / "cryoden-movies.json").read_text())["movies"][0]
     assert entry["status"] == "done" and entry["frames"] == 6
+
+
+def test_shards_split_the_movies_without_overlap(movie_dir, tmp_path, done):
+    folder, gain, _ = movie_dir
+    out = tmp_path / "sharded"
+    seen = []
+    for i in (1, 2):
+        argv = ["movies", str(folder), "-o", str(out), "--pixel-size", "1.5", "--shard", f"{i}/2"]
+        assert cli(argv) == 0
+        rec = json.loads((out / f"cryoden-movies.shard-{i}-of-2.json").read_text())
+        seen += [e["movie"] for e in rec["movies"] if e["status"] == "done"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in seen) == ["a.mrcs", "b.tif"]  # each once
+    assert sorted(p.name for p in (out / "odd").iterdir()) == ["a.mrc", "b.mrc"]
+    assert not (out / "cryoden-movies.json").exists()
+
+
+def test_watch_processes_each_movie_once_across_restarts(movie_dir, tmp_path, capsys):
+    folder, _, _ = movie_dir
+    inbox, out = tmp_path / "inbox", tmp_path / "aligned"
+    inbox.mkdir()
+    (inbox / "a.mrcs").write_bytes((folder / "a.mrcs").read_bytes())
+    argv = ["movies", str(inbox), "-o", str(out), "--watch", "--settle", "0", "--idle", "0.5"]
+    assert cli(argv) == 0
+    first = (out / "even" / "a.mrc").stat().st_mtime_ns
+    (inbox / "b.tif").write_bytes((folder / "b.tif").read_bytes())
+    assert cli([*argv, "--pixel-size", "1.5"]) == 0
+    assert "1 movie(s) already done" in capsys.readouterr().err
+    assert (out / "even" / "a.mrc").stat().st_mtime_ns == first  # not redone
+    lines = (out / "cryoden-movies-watch.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["input"].rsplit("/", 1)[-1] for x in lines) == ["a.mrcs", "b.tif"]
+    # an output folder that is watched is refused before any work
+    assert cli(["movies", str(out / "sums"), "-o", str(out), "--watch", "--idle", "0"]) == 2
+    assert "watched" in capsys.readouterr().err
