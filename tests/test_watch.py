@@ -252,6 +252,8 @@ def test_watch_refuses_its_output_folder_and_plain_files(tmp_path, model, capsys
     assert "not a folder" in capsys.readouterr().err
     assert run(tmp_path / "in", "-o", tmp_path / "o", "-m", model, "--idle", "3") == 2
     assert "--idle applies to --watch" in capsys.readouterr().err
+    assert run(tmp_path / "in", "-o", tmp_path / "o", "-m", model, "--settle", "3") == 2
+    assert "--settle applies to --watch" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
