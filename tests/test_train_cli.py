@@ -244,6 +244,7 @@ def test_no_progress_bar_when_stderr_is_a_log_file(tmp_path, capfd):
         {
             "model": {"arch": "affine", "base_width": 3},
             "data": {"even": str(even), "odd": str(odd), "crop": 32, "samples_per_pair": 4},
+            "optim": {"name": "sgd", "lr": 1e-30},  # test_train_preview's step: cached compile
             "run": {"out": str(tmp_path / "run"), "epochs": 1, "async_save": False,
                     "progress": True},
         },
