@@ -59,6 +59,7 @@ from cryoden import outputs
 
 RECORD = "cryoden-infer.json"
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+SETTLE = 5.0  # --watch: default seconds a file must stay unchanged to be complete
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -158,10 +159,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     a.add_argument(
         "--settle",
         type=float,
-        default=5.0,
         metavar="S",
         help="--watch: a file is complete when unchanged for S seconds (and, for MRC, as long "
-        "as its header says) (default: 5)",
+        f"as its header says) (default: {SETTLE:g})",
     )
     a.add_argument(
         "--idle",
@@ -229,12 +229,16 @@ def _check_options(args: argparse.Namespace) -> str | None:
             not (args.topaz_compat and (args.patch_size or args.padding is not None)),
             "--topaz-compat runs whole images: it excludes --patch-size and --padding",
         ),
-        (math.isfinite(args.settle) and args.settle >= 0, "--settle must be >= 0 seconds"),
+        (
+            args.settle is None or (math.isfinite(args.settle) and args.settle >= 0),
+            "--settle must be >= 0 seconds",
+        ),
         (
             args.idle is None or (math.isfinite(args.idle) and args.idle >= 0),
             "--idle must be >= 0 seconds",
         ),
         (args.watch or args.idle is None, "--idle applies to --watch only"),
+        (args.watch or args.settle is None, "--settle applies to --watch only"),
     ]
     return next((msg for ok, msg in checks if not ok), None)
 
@@ -564,11 +568,12 @@ def _watch(args, outdir: Path, share, run: Runner, show, log: list[dict], budget
     manifest = watch.Manifest(outdir / name)
     finished = manifest.finished()
     written = {e["output"]: e["input"] for e in finished.values() if e.get("output")}
+    settle = SETTLE if args.settle is None else args.settle
     follower = watch.Follower(
         args.inputs,
         io.FORMATS,
-        settle=args.settle,
-        poll=min(2.0, max(args.settle / 2, 0.05)),
+        settle=settle,
+        poll=min(2.0, max(settle / 2, 0.05)),
         idle=args.idle,
         done=finished,
         owns=lambda n: sharding.owns(n, share),

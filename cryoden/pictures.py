@@ -294,7 +294,7 @@ def plot_curves(
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
     if all(float(v).is_integer() for v in _all_x(xs, ys_by_label)):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:

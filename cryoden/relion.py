@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -51,10 +52,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("options", nargs=argparse.REMAINDER, help="--o JOBDIR, inputs, options")
 
 
+def job_summary(job: str) -> str:
+    """The ``jobs:`` entry of this module's docstring for ``job``, as one paragraph."""
+    entries = re.split(r"\n  (?=\S)", __doc__.split("\njobs:\n", 1)[1].split("\n\n")[0])
+    entry = next(e for e in entries if e.split()[0] == job)
+    return " ".join(entry.split()[1:]).replace("``", "")
+
+
 def job_parser(job: str) -> argparse.ArgumentParser:
     """The options of ``cryoden relion JOB`` (RELION's External-job arguments plus ours)."""
     p = argparse.ArgumentParser(
-        prog=f"cryoden relion {job}", description=" ".join(__doc__.split("\n\n")[0].split())
+        prog=f"cryoden relion {job}",
+        description=f"RELION External job '{job}': {job_summary(job)}. See docs/relion.md.",
     )
     p.add_argument("--o", required=True, metavar="JOBDIR", help="job folder (RELION gives it)")
     for name in INPUTS:
@@ -93,13 +102,13 @@ def job_parser(job: str) -> argparse.ArgumentParser:
     if job in ("train", "tomo-train"):
         p.add_argument("--config", help="cryoden train preset or JSON file")
         p.add_argument("--arch", help="network architecture (cryoden train --arch)")
-        p.add_argument("--epochs", type=int)
-        p.add_argument("--steps", type=int)
-        p.add_argument("--crop", type=int)
-        p.add_argument("--batch-size", type=int)
+        p.add_argument("--epochs", type=int, help="epochs (cryoden train --epochs)")
+        p.add_argument("--steps", type=int, help="training steps instead of --epochs")
+        p.add_argument("--crop", type=int, help="training crop size in px (voxels in 3D)")
+        p.add_argument("--batch-size", type=int, help="crops per step (global)")
         p.add_argument("--init", help="start from this model")
-        p.add_argument("--lr", type=float)
-        p.add_argument("--holdout", type=float)
+        p.add_argument("--lr", type=float, help="learning rate")
+        p.add_argument("--holdout", type=float, help="fraction of pairs held out for validation")
     return p
 
 

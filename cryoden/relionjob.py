@@ -8,7 +8,8 @@ command line contains ``relion_`` (src/pipeline_jobs.cpp). The job writes everyt
 JOBDIR, lists what it made in ``JOBDIR/RELION_OUTPUT_NODES.star`` (``data_output_nodes``:
 ``_rlnPipeLineNodeName``, ``_rlnPipeLineNodeTypeLabel``; read by src/pipeliner.cpp), and ends
 by creating ``RELION_JOB_EXIT_SUCCESS`` or ``RELION_JOB_EXIT_FAILURE``. A user's "abort"
-creates ``RELION_JOB_ABORT_NOW``; the job answers with ``RELION_JOB_ABORTED``.
+creates ``RELION_JOB_ABORT_NOW``; the job answers with ``RELION_JOB_EXIT_ABORTED`` alone
+(src/pipeline_control.cpp: ``pipeline_control_relion_exit(2)``).
 
 "Continue" runs the same command on the same JOBDIR again: the markers of the previous run are
 removed at the start, and the commands skip what is already done.
@@ -25,7 +26,7 @@ from cryoden import io
 SUCCESS = "RELION_JOB_EXIT_SUCCESS"
 FAILURE = "RELION_JOB_EXIT_FAILURE"
 ABORT_NOW = "RELION_JOB_ABORT_NOW"
-ABORTED = "RELION_JOB_ABORTED"
+ABORTED = "RELION_JOB_EXIT_ABORTED"
 NODES = "RELION_OUTPUT_NODES.star"
 
 # node type labels (src/pipeline_jobs.h); the model label is ours, in RELION's format
@@ -80,13 +81,14 @@ class Job:
         star.write(self.dir / NODES, {"output_nodes": table})
 
     def finish(self, ok: bool, aborted: bool = False) -> None:
-        """Create the exit marker RELION waits for (and ``RELION_JOB_ABORTED`` on abort)."""
-        names = [FAILURE] + ([ABORTED] if aborted else []) if not ok else [SUCCESS]
+        """Create the exit marker RELION waits for: success, failure, or (``aborted``, as
+        RELION's own programs do) ``RELION_JOB_EXIT_ABORTED`` alone."""
+        name = SUCCESS if ok else ABORTED if aborted else FAILURE
         # the latest outcome wins: a marker of an earlier share or run is stale
-        (self.dir / (FAILURE if ok else SUCCESS)).unlink(missing_ok=True)
-        for name in names:
-            with io.atomic(self.dir / name):
-                pass
+        for stale in {SUCCESS, FAILURE, ABORTED} - {name}:
+            (self.dir / stale).unlink(missing_ok=True)
+        with io.atomic(self.dir / name):
+            pass
 
     # ------------------------------------------------------------------ job record
 

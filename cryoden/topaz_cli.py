@@ -61,6 +61,17 @@ def _unsupported(p, flag: str, why: str, **kw) -> None:
     UNSUPPORTED[action.dest] = (flag, why)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where the help does not state its default itself and there is
+    one to state (not None or an empty string)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, "", argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
@@ -71,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=TOPAZ_VERSION)
     sub = p.add_subparsers(dest="command", metavar="{denoise,denoise3d}", required=True)
-    kw = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    kw = dict(formatter_class=_DefaultsFormatter)
     _denoise_args(sub.add_parser("denoise", help="denoise micrographs (2D)", **kw))
     _denoise3d_args(sub.add_parser("denoise3d", help="denoise tomograms (3D)", **kw))
     return p

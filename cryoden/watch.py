@@ -6,7 +6,8 @@ for any depth) and yields a file when
 
 * its size and modification time have not changed for ``settle`` seconds, and
 * for an MRC file, the file is at least as long as its header says (header, extended header
-  and data); one that stays shorter for ``10 x settle`` seconds is handed over anyway, so that
+  and data); for a TIFF, every page's data lies within the file; for a PNG, it ends with its
+  IEND chunk. One that stays short for ``10 x settle`` seconds is handed over anyway, so that
   the caller reports it as truncated instead of waiting forever.
 
 Each file is yielded once per process; :class:`Manifest`, an append-only JSON-lines file in
@@ -157,18 +158,47 @@ def _names(folder: str) -> list[str]:
         return []
 
 
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk that ends every PNG
+
+
 def declared_complete(path: Path) -> bool:
-    """False for an MRC file shorter than its header declares; True otherwise (other formats
-    declare no length up front: stability alone decides)."""
+    """False for a file shorter than it declares: an MRC file shorter than its header says, a
+    TIFF whose pages (or list of pages) reach beyond its end, a PNG without its final IEND
+    chunk. True otherwise (stability alone decides)."""
     from cryoden import io
 
-    if path.suffix.lower() not in {".mrc", ".mrcs", ".map", ".rec", ".st", ".ali"}:
-        return True
+    ext = path.suffix.lower()
     try:
-        io.mrc_layout(path)
+        if ext in {".mrc", ".mrcs", ".map", ".rec", ".st", ".ali"}:
+            io.mrc_layout(path)
+        elif ext in {".tif", ".tiff"}:
+            return _tiff_complete(path)
+        elif ext == ".png":
+            with open(path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - len(PNG_END)))
+                return f.read() == PNG_END
     except (ValueError, OSError):
         return False
     return True
+
+
+def _tiff_complete(path: Path) -> bool:
+    """Every page of the TIFF at ``path`` is listed and its data lies within the file."""
+    import tifffile
+
+    from cryoden import io
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            io.check_tiff_pages(tif)
+            size = tif.filehandle.size
+            return all(
+                o + n <= size
+                for page in tif.pages
+                for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)
+            )
+    except Exception:  # an unreadable TIFF is not complete (yet)
+        return False
 
 
 class Manifest:

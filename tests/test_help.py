@@ -54,3 +54,27 @@ def test_command_help_has_no_markup(command):
     text = help_text(command, "--help")
     assert text.startswith(f"usage: cryoden {command}")
     assert_plain(text)
+
+
+@pytest.mark.parametrize("job", ["denoise", "train", "tomo-denoise", "tomo-train"])
+def test_relion_job_help_describes_that_job(job):
+    """`cryoden relion JOB --help` says what JOB does (not the list of all jobs), and every
+    option it lists has a help text."""
+    from cryoden import relion
+
+    parser = relion.job_parser(job)
+    text = parser.format_help()
+    assert_plain(text)
+    description = text.split("\n\n")[1]
+    assert description.startswith(f"RELION External job '{job}'"), description
+    others = [j for j in relion.JOBS if j != job and f"'{j}'" in description]
+    assert not others, description
+    expected = {
+        "denoise": "denoised_micrographs.star",
+        "train": "rlnMicrographNameEven",
+        "tomo-denoise": "rlnTomoReconstructedTomogramDenoised",
+        "tomo-train": "Half1/Half2",
+    }[job]
+    assert expected in " ".join(description.split())
+    bare = [a.option_strings for a in parser._actions if not a.help]
+    assert not bare, f"options without help: {bare}"

@@ -244,3 +244,20 @@ def test_watch_never_takes_its_own_previews_as_inputs(tmp_path, model, capsys):
     assert run_infer(tmp_path / "in", pattern, "-o", out, "--format", "mrc", *args) == 1
     assert "its --preview would be watched as a new input" in capsys.readouterr().err
     assert not (out / "a.mrc").exists() and not list((out / "previews").iterdir())
+
+
+@pytest.mark.parametrize("epochs", [[1], [1, 2], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
+def test_integer_x_gets_only_integer_ticks(tmp_path, monkeypatch, epochs):
+    """A loss curve over epochs has ticks at whole epochs, also after a single epoch (a run of
+    one epoch was labelled 0.945 ... 1.05)."""
+    from cryoden import pictures
+
+    figs = []
+    monkeypatch.setattr(pictures, "_save", lambda fig, path: figs.append(fig) or Path(path))
+    y = np.linspace(2.0, 1.0, len(epochs))
+    pictures.plot_curves(np.array(epochs), {"loss": y}, tmp_path / "l.png", "epoch", "loss")
+    ax = figs[0].axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo - 1e-9 <= t <= hi + 1e-9]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    assert min(epochs) in ticks or len(epochs) > 2

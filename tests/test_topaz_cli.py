@@ -507,3 +507,18 @@ def test_denoise3d_training_flags_map_onto_cryoden_training(tmp_path):
     assert cfg.run.out == str(tmp_path / "m_cryoden_run")
     assert topaz_cli.sav_path("p", 7, 1000).name == "p_epoch007.sav"
     assert topaz_cli.sav_path("p", 100, 100).name == "p_epoch100.sav"
+
+
+@pytest.mark.parametrize("command", ["denoise", "denoise3d"])
+def test_help_states_each_default_once_and_no_none(command, capsys):
+    """`cryoden-topaz denoise --help` reads true: no "(default: None)" or "(default: )", and
+    no option with its default given twice."""
+    with pytest.raises(SystemExit) as e:
+        topaz_cli.build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: )" not in text, text
+    twice = re.findall(r"\(default[^)]*\)[^()]*\(default: [^)]*\)", text)
+    twice = [t for t in twice if "--" not in t]  # within one option's help
+    assert not twice, twice
+    assert "(default: 0)" in text or "(default: -2)" in text  # defaults are still shown

@@ -230,3 +230,25 @@ def test_training_on_synthetic_halves_beats_raw_and_best_lowpass(tmp_path):
         f"mse raw {mse(x):.4f} lowpass {best_lowpass:.4f} gauss {best_gauss:.4f} model {mse(y):.4f}"
     )
     assert mse(y) < 0.97 * min(best_lowpass, best_gauss) and mse(y) < mse(x) / 20
+
+
+def test_no_progress_bar_when_stderr_is_a_log_file(tmp_path, capfd):
+    """Redirected to a file (a batch job's log, RELION's run.err) training writes plain log
+    lines, not a progress bar's carriage returns."""
+    from cryoden.train import loop
+
+    even, odd = write_pairs(tmp_path / "halves", n=4, size=48)
+    cfg = C.merge(C.Config(), C.load_preset("train-2d-test"))
+    cfg = C.merge(
+        cfg,
+        {
+            "model": {"arch": "affine", "base_width": 3},
+            "data": {"even": str(even), "odd": str(odd), "crop": 32, "samples_per_pair": 4},
+            "optim": {"name": "sgd", "lr": 1e-30},  # test_train_preview's step: cached compile
+            "run": {"out": str(tmp_path / "run"), "epochs": 1, "async_save": False,
+                    "progress": True},
+        },
+    )  # fmt: skip
+    assert loop.train(cfg)["step"] == 3
+    err = capfd.readouterr().err
+    assert "\r" not in err and "step/s" not in err and "s/step" not in err, err

@@ -252,6 +252,8 @@ def test_watch_refuses_its_output_folder_and_plain_files(tmp_path, model, capsys
     assert "not a folder" in capsys.readouterr().err
     assert run(tmp_path / "in", "-o", tmp_path / "o", "-m", model, "--idle", "3") == 2
     assert "--idle applies to --watch" in capsys.readouterr().err
+    assert run(tmp_path / "in", "-o", tmp_path / "o", "-m", model, "--settle", "3") == 2
+    assert "--settle applies to --watch" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -339,3 +341,24 @@ def test_watch_denoises_a_slowly_written_file_once_and_restarts_without_repeats(
     entries = [json.loads(x) for x in (out / "cryoden-watch.jsonl").read_text().splitlines()]
     assert [Path(e["input"]).name for e in entries].count("third.mrc") == 1
     assert len(entries) == 3 and first.exists()
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png"])
+def test_a_tiff_or_png_cut_short_is_not_complete(tmp_path, suffix):
+    """A TIFF or PNG whose writer paused mid-file is not handed over after --settle (it would
+    fail as truncated and, recorded as done, never be denoised)."""
+    import tifffile
+    from PIL import Image
+
+    img = np.random.default_rng(0).integers(0, 255, size=(64, 48), dtype=np.uint8)
+    full = tmp_path / f"full{suffix}"
+    if suffix == ".tif":
+        tifffile.imwrite(full, img)
+    else:
+        Image.fromarray(img).save(full)
+    data = full.read_bytes()
+    assert watch.declared_complete(full)
+    for cut in (len(data) // 2, len(data) - 1):
+        part = tmp_path / f"part{suffix}"
+        part.write_bytes(data[:cut])
+        assert not watch.declared_complete(part), cut

@@ -392,7 +392,8 @@ def train(cfg: Config, command: list[str] | None = None, on_epoch=None) -> dict[
                 desc=f"epoch {epoch + 1}/{epochs}",
                 unit="step",
                 leave=False,
-                disable=not (main and cfg.run.progress),
+                # None: tqdm shows the bar on a terminal only, not in a log file
+                disable=None if main and cfg.run.progress else True,
             )
             while cur < end:
                 ckpt.check()  # a failed background save stops the run at once
