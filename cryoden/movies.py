@@ -33,6 +33,7 @@ from pathlib import Path
 
 SUBDIRS = ("shifts", "even", "odd", "sums")  # written in this order: sums/ marks a movie done
 RECORD = "cryoden-movies.json"
+SETTLE = 5.0  # --watch: default seconds a movie must stay unchanged to be complete
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -101,9 +102,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--settle",
         type=float,
-        default=5.0,
         metavar="S",
-        help="--watch: a movie is complete when unchanged for S seconds (default: 5)",
+        help="--watch: a movie is complete when unchanged for S seconds and as long as its "
+        "header or TIFF pages say (default: 5)",
     )
     g.add_argument(
         "--idle",
@@ -139,7 +140,11 @@ def _check_options(args: argparse.Namespace) -> str | None:
             args.shifts_from is None or Path(args.shifts_from).is_dir(),
             f"--shifts-from {args.shifts_from}: not a folder",
         ),
-        (math.isfinite(args.settle) and args.settle >= 0, "--settle must be >= 0 seconds"),
+        (
+            args.settle is None or (math.isfinite(args.settle) and args.settle >= 0),
+            "--settle must be >= 0 seconds",
+        ),
+        (args.watch or args.settle is None, "--settle applies to --watch only"),
         (args.idle is None or args.idle >= 0, "--idle must be >= 0 seconds"),
         (args.watch or args.idle is None, "--idle applies to --watch only"),
     ]
@@ -316,14 +321,15 @@ def _watch(args, outdir: Path, share, show, log: list[dict]) -> None:
     from cryoden import watch
     from cryoden.movie import SUFFIXES
 
+    settle = SETTLE if args.settle is None else args.settle
     name = "cryoden-movies-watch" + (f".{share.tag}" if share else "") + ".jsonl"
     manifest = watch.Manifest(outdir / name)
     finished = manifest.finished()
     follower = watch.Follower(
         args.movies,
         SUFFIXES,
-        settle=args.settle,
-        poll=min(2.0, max(args.settle / 2, 0.05)),
+        settle=settle,
+        poll=min(2.0, max(settle / 2, 0.05)),
         idle=args.idle,
         done=finished,
         owns=lambda n: sharding.owns(n, share),

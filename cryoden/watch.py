@@ -171,7 +171,7 @@ def declared_complete(path: Path) -> bool:
     try:
         if ext in {".mrc", ".mrcs", ".map", ".rec", ".st", ".ali"}:
             io.mrc_layout(path)
-        elif ext in {".tif", ".tiff"}:
+        elif ext in {".tif", ".tiff", ".eer"}:  # EER movies are TIFF files
             return _tiff_complete(path)
         elif ext == ".png":
             with open(path, "rb") as f:

@@ -203,3 +203,5 @@ def test_watch_processes_each_movie_once_across_restarts(movie_dir, tmp_path, ca
     # an output folder that is watched is refused before any work
     assert cli(["movies", str(out / "sums"), "-o", str(out), "--watch", "--idle", "0"]) == 2
     assert "watched" in capsys.readouterr().err
+    assert cli(["movies", str(inbox), "-o", str(out), "--settle", "1"]) == 2
+    assert "--settle applies to --watch only" in capsys.readouterr().err
