@@ -437,7 +437,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         share = sharding.from_environment(args.shard)
     except ValueError as e:
-        error("--shard", e)
+        error(None, e)  # the message names --shard or the Slurm variable
         return 2
     outdir = Path(args.output)
     record = outdir / (RECORD if share is None else RECORD.replace(".json", f".{share.tag}.json"))
@@ -566,7 +566,7 @@ def _watch(args, outdir: Path, share, run: Runner, show, log: list[dict], budget
 
     name = "cryoden-watch.jsonl" if share is None else f"cryoden-watch.{share.tag}.jsonl"
     manifest = watch.Manifest(outdir / name)
-    finished = manifest.finished()
+    finished = manifest.finished_unchanged()  # a failed file changed since: again
     written = {e["output"]: e["input"] for e in finished.values() if e.get("output")}
     settle = SETTLE if args.settle is None else args.settle
     follower = watch.Follower(

@@ -324,7 +324,7 @@ def _watch(args, outdir: Path, share, show, log: list[dict]) -> None:
     settle = SETTLE if args.settle is None else args.settle
     name = "cryoden-movies-watch" + (f".{share.tag}" if share else "") + ".jsonl"
     manifest = watch.Manifest(outdir / name)
-    finished = manifest.finished()
+    finished = manifest.finished_unchanged()  # a failed file changed since: again
     follower = watch.Follower(
         args.movies,
         SUFFIXES,

@@ -12,7 +12,8 @@ for any depth) and yields a file when
 
 Each file is yielded once per process; :class:`Manifest`, an append-only JSON-lines file in
 the output folder, carries "done" across restarts, so that a restarted watch never repeats a
-file (whatever its outcome was) and never skips one that was not finished. The follower stops
+file and never skips one that was not finished; a file that failed is tried again by a
+restarted watch only when it has changed since (size or modification time). The follower stops
 when no file has been yielded and none is pending for ``idle`` seconds (None: never; Ctrl-C
 stops the caller).
 """
@@ -225,9 +226,21 @@ class Manifest:
                 out[entry["input"]] = entry
         return out
 
+    def finished_unchanged(self) -> dict[str, dict]:
+        """:meth:`finished`, less the failed inputs whose file has changed since (size or
+        modification time): those are tried again by a restarted watch."""
+        out = {}
+        for name, e in self.finished().items():
+            if e.get("status") == "failed" and _stamp(name) != (e.get("size"), e.get("mtime_ns")):
+                continue
+            out[name] = e
+        return out
+
     def add(self, entry: dict) -> None:
-        """Append ``entry`` (must have ``input``) durably."""
-        line = json.dumps(entry, default=str) + "\n"
+        """Append ``entry`` (must have ``input``) durably, with the input's size and
+        modification time."""
+        size, mtime_ns = _stamp(entry["input"])
+        line = json.dumps({**entry, "size": size, "mtime_ns": mtime_ns}, default=str) + "\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             # a torn line left by a crash is completed by starting on a fresh line
@@ -237,6 +250,14 @@ class Manifest:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _stamp(name: str) -> tuple[int | None, int | None]:
+    try:
+        st = os.stat(name)
+    except OSError:
+        return None, None
+    return st.st_size, st.st_mtime_ns
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -362,3 +362,27 @@ def test_a_tiff_or_png_cut_short_is_not_complete(tmp_path, suffix):
         part = tmp_path / f"part{suffix}"
         part.write_bytes(data[:cut])
         assert not watch.declared_complete(part), cut
+
+
+def test_a_failed_file_is_retried_after_a_restart_only_when_it_changed(tmp_path, model):
+    inbox, out = tmp_path / "in", tmp_path / "out"
+    inbox.mkdir()
+    bad = inbox / "late.mrc"
+    bad.write_bytes(b"\0" * 1500)  # not an MRC file: fails
+    argv = (inbox, "-o", out, "-m", model, "-q", "--watch", "--settle", "0", "--idle", "0.3")
+    assert run(*argv) == 1
+    assert run(*argv) == 0  # unchanged: not tried again
+    assert not (out / "late.mrc").exists()
+    mrc(bad, rng.normal(size=(16, 20)).astype(np.float32))  # the file was replaced: tried again
+    assert run(*argv) == 0 and (out / "late.mrc").exists()
+    statuses = [
+        json.loads(x)["status"] for x in (out / "cryoden-watch.jsonl").read_text().splitlines()
+    ]
+    assert statuses == ["failed", "ok"]
+
+
+def test_shard_error_names_the_option_once(tmp_path, model, capsys):
+    images(tmp_path / "in", 1)
+    assert run(tmp_path / "in", "-o", tmp_path / "o", "-m", model, "--shard", "4/3") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("--shard") == 1 and "I must be between 1 and N" in err
