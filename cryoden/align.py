@@ -10,7 +10,7 @@ applied in Fourier space as ``F(k) * exp(-2 pi i (kx sx + ky sy))``. A particle 
 Shifts are relative to the first frame (``shifts[0] = 0``).
 
 Global alignment (:func:`estimate_shifts`): frames are read once, binned (block mean) to at most
-about 1024 pixels on the long side, Fourier transformed, and kept on the device. Each iteration
+about 512 pixels on the long side, Fourier transformed, and kept on the device. Each iteration
 correlates every frame (or a window of ``group`` neighbouring frames) with the sum of all the
 others, after the current shifts, weighted by ``exp(-2 B k^2)`` (``B`` in pixel^2, ``k`` in cycles
 per pixel, RELION's and MotionCor2's B-factor for alignment);
@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_BINNED = 1024  # default binning keeps the long side of binned frames at or below this
+MAX_BINNED = 512  # default binning keeps the long side of binned frames at or below this
 COARSE = 4  # extra binning of the first, coarse alignment of large frames
 
 
@@ -338,7 +338,7 @@ def estimate_shifts(
     frames: a Movie (``len``, ``frame(i)``) or a sequence of (H, W) arrays; pixel_size: Å per pixel
     of the frames (accepted for symmetry with the other steps; the alignment works in pixels);
     bfactor: pixel^2 (RELION's ``--bfactor``); binning: integer (default: long
-    side to at most 1024 pixels); iterations: at most this many refinements, stopping once every
+    side to at most 512 pixels); iterations: at most this many refinements, stopping once every
     shift changes by less than ``tolerance`` pixels; patches: ``(nx, ny)`` for local motion on
     top of the global shifts; group: correlate windows of this many consecutive frames (for
     low-dose frames). Returns an :class:`Alignment` with ``shifts`` (N, 2) float64 pixels.
