@@ -1,7 +1,8 @@
 """Reading and writing micrographs, stacks and tomograms (MRC, TIFF, PNG).
 
 :func:`read` returns an :class:`Image`; :func:`write` writes one atomically (temporary file in the
-target directory, fsync, ``os.replace``), so a failed write never leaves partial output.
+target directory, fsync, ``os.replace``; :mod:`cryoden.atomic`), so a failed write never leaves
+partial output.
 
 Kinds (``Image.kind``) and the data shape each implies:
 
@@ -51,17 +52,11 @@ Every error is a one-line ``ValueError(f"{path}: <problem>")``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import math
 import os
-import re
-import secrets
-import socket
 import stat
 import struct
-import time
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -71,6 +66,14 @@ import mrcfile.utils
 import numpy as np
 import tifffile
 from PIL import Image as PILImage
+
+from cryoden.atomic import (  # noqa: F401  (re-exported: io.atomic etc. are public API)
+    _TMP,
+    STALE_AGE,
+    atomic,
+    new_temporary,
+    remove_stale_temporaries,
+)
 
 KINDS = ("2d", "stack", "volume")
 FORMATS = {
@@ -540,89 +543,6 @@ def write(path: str | os.PathLike, img: Image, label: str | None = None) -> None
                 PILImage.fromarray(to_uint8(data)).save(tmp, format="PNG")
     except OSError as e:
         raise ValueError(f"{path}: cannot write: {e.strerror or e}") from e
-
-
-# Temporaries are ``.<name>.cryoden-<host>-<pid>-<hex>.tmp``: <host> is a hash of the host name,
-# so a folder shared between machines is safe, <pid> the writing process.
-_TMP = re.compile(r"^\.(.+)\.cryoden-([0-9a-f]{8})-([0-9]+)-[0-9a-f]{8}\.tmp$")
-_OLD_TMP = re.compile(r"^\.(.+)\.[0-9a-f]{8}\.tmp$")  # older cryodens: no writer named
-STALE_AGE = 24 * 3600.0  # s: a temporary not written to for this long is abandoned
-
-
-def _host_tag() -> str:
-    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
-
-
-@contextlib.contextmanager
-def atomic(path: Path):
-    """Yield a new temporary path beside ``path``; on success fsync it and rename it to ``path``.
-
-    On any exception (KeyboardInterrupt included) the temporary is removed; one left by a killed
-    process is recognised by :func:`remove_stale_temporaries`.
-    """
-    tmp = new_temporary(path)
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def new_temporary(path: str | os.PathLike) -> Path:
-    """Create an empty temporary file beside ``path``, named as cryoden's own; -> its path."""
-    path = Path(path)
-    writer = f"cryoden-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp = path.with_name(f".{path.name}.{writer}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # honours the umask
-    return tmp
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # another user's process (or a pid we cannot test): keep its files
-    return True
-
-
-def remove_stale_temporaries(folder: str | os.PathLike, keep=()) -> list[Path]:
-    """Remove the temporaries that killed cryoden processes left in ``folder``; -> removed paths.
-
-    A temporary (regular file, named as :func:`atomic` names them) is stale when the process that
-    wrote it, on this host, is gone, or when it has not been modified for ``STALE_AGE`` seconds
-    (other hosts, old-style ``.<name>.<8 hex>.tmp`` names). Live writers' temporaries and the
-    paths in ``keep`` stay. Files that vanish or cannot be removed meanwhile are left alone.
-    """
-    folder, host, now = Path(folder), _host_tag(), time.time()
-    keep = {os.path.abspath(k) for k in keep}
-    removed = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for e in entries:
-        m = _TMP.match(e.name)
-        if not (m or _OLD_TMP.match(e.name)) or os.path.abspath(e.path) in keep:
-            continue
-        try:
-            st = e.stat(follow_symlinks=False)
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            dead = m is not None and m[2] == host and not _alive(int(m[3]))
-            if dead or now - st.st_mtime > STALE_AGE:
-                os.unlink(e.path)
-                removed.append(Path(e.path))
-        except OSError:
-            continue
-    return removed
 
 
 def to_uint8(x: np.ndarray, clip: float = 3.0) -> np.ndarray:

@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -41,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from cryoden import runtime
+from cryoden import atomic, runtime
 from cryoden.models import ModelSpec, build_model
 
 # Input shapes (spatial) of the two-point fits, per shape class: multiples of every stride.
@@ -198,12 +195,7 @@ def _save_disk(key: str, m: dict) -> None:
         path.mkdir(parents=True, exist_ok=True)
         data = _load_disk()
         data[key] = m
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{CACHE_FILE}.")
+        atomic.remove_stale_temporaries(path)  # those of killed processes
+        atomic.write_text(path / CACHE_FILE, json.dumps(data, indent=1))
     except OSError:
         return
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path / CACHE_FILE)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)

@@ -42,7 +42,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from cryoden import torchpickle
+from cryoden import atomic, torchpickle
 from cryoden.models import ModelSpec
 from cryoden.torchpickle import TorchPickleError, check_zip_member
 
@@ -141,7 +140,7 @@ def save(
     inputs: Iterable[str | os.PathLike] = (),
     **meta: Any,
 ) -> None:
-    """Write ``params`` for ``spec`` atomically (temp file in the same directory, then rename).
+    """Write ``params`` for ``spec`` atomically (:func:`cryoden.atomic.atomic`).
 
     Refuses (WeightsError, before writing anything) a ``path`` that :func:`check_destination`
     rejects: one of ``inputs`` (the files the params were read from), a directory, or an existing
@@ -153,19 +152,8 @@ def save(
     info = {"format": FORMAT, "version": VERSION, "spec": spec.to_dict(), **meta}
     arrays["__meta__"] = np.array(json.dumps(info, sort_keys=True))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.atomic(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 META_LIMIT = 1 << 20  # bytes of the __meta__ record

@@ -24,7 +24,7 @@ from conftest import new_mrc as mrc
 from test_cli import random_model
 
 import cryoden.inference
-from cryoden import infer, io, tiling
+from cryoden import infer, io, memory, tiling
 from cryoden.models import ModelSpec
 
 rng = np.random.default_rng(1)
@@ -406,6 +406,10 @@ def test_one_line_per_file_with_kind_shape_model_tiling(tmp_path, model, capsys)
 def test_weak_kind_cue_is_said(tmp_path, model, capsys, monkeypatch):
     """mrcfile labels any 3D array a volume (space group 1): the line says the cue is weak."""
     monkeypatch.setattr(infer.Runner, "__call__", lambda self, x, *a: np.zeros(x.shape, "f4"))
+    # no measured memory model (compiling a 3D U-net twice): the line is the subject, and the
+    # plan for a 3x16x16 volume is the whole image under any model of a few MB
+    model_bytes = {"fixed": 4e6, "per_px": 1e3, "overhead_px": 0.0}
+    monkeypatch.setattr(memory, "_measure", lambda *a: model_bytes)
     with mrcfile.new(tmp_path / "v.mrc") as m:
         m.set_data(rng.normal(size=(3, 16, 16)).astype(np.float32))
     m3d = random_model(tmp_path / "3d.npz", ModelSpec("unet-small", 3, 3, 3))

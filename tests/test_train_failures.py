@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from train_subproc import write_pairs
+from trainargs import affine_args
 
 HERE = Path(__file__).resolve().parent
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d cryoden[.\w]*: ")  # cryoden's own log lines
@@ -35,22 +36,7 @@ def setup(tmp_path_factory):
 def train(data: Path, out: Path, cache: Path, *more: str, enospc: int | None = None):
     env = dict(os.environ, CRYODEN_CACHE_DIR=str(cache))
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])
-    args = [
-        "--even",
-        str(data / "even"),
-        "--odd",
-        str(data / "odd"),
-        "--out",
-        str(out),
-        "--config",
-        "train-2d-test",
-        "--arch",
-        "affine",
-        "--crop",
-        "32",
-        "-q",
-        *more,
-    ]
+    args = affine_args(data / "even", data / "odd", out, *more)
     if enospc is None:
         cmd = [sys.executable, "-m", "cryoden", "train", *args]
     else:

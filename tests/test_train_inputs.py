@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from train_subproc import write_pairs
+from trainargs import affine_args
 
 from cryoden.train import __main__ as cli
 from cryoden.train import config as C
@@ -34,24 +35,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def tiny(even: Path, odd: Path, out: Path, *more: str) -> list[str]:
     """Arguments of a one-step affine run on 48x48 halves."""
-    return [
-        "--even",
-        str(even),
-        "--odd",
-        str(odd),
-        "--out",
-        str(out),
-        "--config",
-        "train-2d-test",
-        "--arch",
-        "affine",
-        "--crop",
-        "32",
-        "--steps",
-        "1",
-        "-q",
-        *more,
-    ]
+    return affine_args(even, odd, out, *more, steps=1)
 
 
 def error_line(capsys) -> str:

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import cryoden
-from cryoden import weights
+from cryoden import atomic, weights
 from cryoden.models import init_params
 from cryoden.train import checkpoint, data, datarecord, mesh, moviedata, step
 from cryoden.train.config import Config, resume_conflicts
@@ -119,9 +119,10 @@ def _setup_run_dir(
     cfg_path = out / "config.json"
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(cfg_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
+        atomic.remove_stale_temporaries(out)  # left by a killed earlier invocation
+        atomic.write_text(cfg_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
         if not has_record:
-            _write_atomic(out / datarecord.FILE, datarecord.to_json(record))
+            atomic.write_text(out / datarecord.FILE, datarecord.to_json(record))
         info_path = out / "run.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {"invocations": []}
         info["invocations"].append(
@@ -134,7 +135,7 @@ def _setup_run_dir(
                 processes=jax.process_count(),
             )
         )
-        _write_atomic(info_path, json.dumps(info, indent=2) + "\n")
+        atomic.write_text(info_path, json.dumps(info, indent=2) + "\n")
         logger = logging.getLogger("cryoden")
         for old in [h for h in logger.handlers if isinstance(h, _RunLog)]:
             logger.removeHandler(old)  # an earlier run in this process: its log is closed
@@ -149,17 +150,11 @@ class _RunLog(logging.FileHandler):
     """RUN/train.log; one at a time per process (a new run replaces the previous one's)."""
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _rewrite_tsv(path: Path, upto_step: int) -> None:
     """Start log.tsv, or keep only rows up to the restored step (drop rows of a lost epoch)."""
     rows = path.read_text().splitlines()[1:] if path.is_file() else []
     rows = [r for r in rows if r and int(r.split("\t")[1]) <= upto_step]
-    _write_atomic(path, "\n".join(["\t".join(TSV_COLUMNS), *rows]) + "\n")
+    atomic.write_text(path, "\n".join(["\t".join(TSV_COLUMNS), *rows]) + "\n")
 
 
 def train(cfg: Config, command: list[str] | None = None, on_epoch=None) -> dict[str, Any]:
