@@ -55,11 +55,10 @@ import sys
 import time
 from pathlib import Path
 
-from cryoden import outputs
+from cryoden import outputs, shard, watch
 
 RECORD = "cryoden-infer.json"
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
-SETTLE = 5.0  # --watch: default seconds a file must stay unchanged to be complete
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -150,31 +149,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="skip inputs whose output exists (default: off, existing outputs are replaced)",
     )
     a = parser.add_argument_group("collection time and clusters")
-    a.add_argument(
-        "--watch",
-        action="store_true",
-        help="follow the input folders (or quoted glob patterns, ** for any depth) and denoise "
-        "each file once it is complete; a restart never repeats a file (default: off)",
-    )
-    a.add_argument(
-        "--settle",
-        type=float,
-        metavar="S",
-        help="--watch: a file is complete when unchanged for S seconds (and, for MRC, as long "
-        f"as its header says) (default: {SETTLE:g})",
-    )
-    a.add_argument(
-        "--idle",
-        type=float,
-        metavar="S",
-        help="--watch: stop after S seconds without new files (default: run until Ctrl-C)",
-    )
-    a.add_argument(
-        "--shard",
-        metavar="I/N",
-        help="process the I-th of N shares of the inputs (1 <= I <= N); default: from Slurm "
-        "(array task and srun task), else all",
-    )
+    watch.add_args(a, "file", "denoise")
+    shard.add_arg(a, "input")
     a.add_argument(
         "--preview",
         action="store_true",
@@ -229,18 +205,8 @@ def _check_options(args: argparse.Namespace) -> str | None:
             not (args.topaz_compat and (args.patch_size or args.padding is not None)),
             "--topaz-compat runs whole images: it excludes --patch-size and --padding",
         ),
-        (
-            args.settle is None or (math.isfinite(args.settle) and args.settle >= 0),
-            "--settle must be >= 0 seconds",
-        ),
-        (
-            args.idle is None or (math.isfinite(args.idle) and args.idle >= 0),
-            "--idle must be >= 0 seconds",
-        ),
-        (args.watch or args.idle is None, "--idle applies to --watch only"),
-        (args.watch or args.settle is None, "--settle applies to --watch only"),
     ]
-    return next((msg for ok, msg in checks if not ok), None)
+    return next((msg for ok, msg in checks if not ok), None) or watch.option_problem(args)
 
 
 class Runner:
@@ -537,7 +503,6 @@ def _identities(jobs) -> set:
 
 def _watch_problem(args: argparse.Namespace, outdir: Path) -> str | None:
     """Why these inputs cannot be watched into ``outdir``, or None."""
-    from cryoden import watch
 
     out = os.path.realpath(outdir)
     for s in args.inputs:
@@ -561,23 +526,13 @@ def _watch_problem(args: argparse.Namespace, outdir: Path) -> str | None:
 
 def _watch(args, outdir: Path, share, run: Runner, show, log: list[dict], budget: int) -> None:
     """Denoise files as they become complete; each input once, also across restarts."""
-    from cryoden import io, watch
-    from cryoden import shard as sharding
+    from cryoden import io
 
     name = "cryoden-watch.jsonl" if share is None else f"cryoden-watch.{share.tag}.jsonl"
     manifest = watch.Manifest(outdir / name)
     finished = manifest.finished_unchanged()  # a failed file changed since: again
     written = {e["output"]: e["input"] for e in finished.values() if e.get("output")}
-    settle = SETTLE if args.settle is None else args.settle
-    follower = watch.Follower(
-        args.inputs,
-        io.FORMATS,
-        settle=settle,
-        poll=min(2.0, max(settle / 2, 0.05)),
-        idle=args.idle,
-        done=finished,
-        owns=lambda n: sharding.owns(n, share),
-    )
+    follower = watch.follower(args.inputs, io.FORMATS, args, share, finished)
     if finished:
         show.say(f"cryoden: {len(finished)} file(s) already done according to {manifest.path}")
     show.say(

@@ -31,9 +31,10 @@ import sys
 import time
 from pathlib import Path
 
+from cryoden import shard, watch
+
 SUBDIRS = ("shifts", "even", "odd", "sums")  # written in this order: sums/ marks a movie done
 RECORD = "cryoden-movies.json"
-SETTLE = 5.0  # --watch: default seconds a movie must stay unchanged to be complete
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -93,30 +94,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--quiet", "-q", action="store_true", help="errors only")
     g = p.add_argument_group("collection time and clusters (as cryoden infer)")
-    g.add_argument(
-        "--watch",
-        action="store_true",
-        help="follow the input folders (or quoted glob patterns) and process each movie once it "
-        "is complete; a restart never repeats a movie",
-    )
-    g.add_argument(
-        "--settle",
-        type=float,
-        metavar="S",
-        help="--watch: a movie is complete when unchanged for S seconds and as long as its "
-        "header or TIFF pages say (default: 5)",
-    )
-    g.add_argument(
-        "--idle",
-        type=float,
-        metavar="S",
-        help="--watch: stop after S seconds without new movies (default: until Ctrl-C)",
-    )
-    g.add_argument(
-        "--shard",
-        metavar="I/N",
-        help="process the I-th of N shares of the movies; default: from Slurm, else all",
-    )
+    watch.add_args(g, "movie", "process")
+    shard.add_arg(g, "movie")
 
 
 def _check_options(args: argparse.Namespace) -> str | None:
@@ -140,15 +119,8 @@ def _check_options(args: argparse.Namespace) -> str | None:
             args.shifts_from is None or Path(args.shifts_from).is_dir(),
             f"--shifts-from {args.shifts_from}: not a folder",
         ),
-        (
-            args.settle is None or (math.isfinite(args.settle) and args.settle >= 0),
-            "--settle must be >= 0 seconds",
-        ),
-        (args.watch or args.settle is None, "--settle applies to --watch only"),
-        (args.idle is None or args.idle >= 0, "--idle must be >= 0 seconds"),
-        (args.watch or args.idle is None, "--idle applies to --watch only"),
     ]
-    return next((msg for ok, msg in checks if not ok), None)
+    return next((msg for ok, msg in checks if not ok), None) or watch.option_problem(args)
 
 
 def _patches(text: str) -> tuple[int, int] | None:
@@ -202,10 +174,9 @@ def main(args: argparse.Namespace) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from cryoden import io, outputs
-    from cryoden import shard as sharding
     from cryoden.progress import Progress
 
-    share = sharding.from_environment(args.shard)
+    share = shard.from_environment(args.shard)
     outdir = Path(args.out)
     if outdir.exists() and not outdir.is_dir():
         raise ValueError(f"-o {outdir} is a file, not a folder")
@@ -235,7 +206,7 @@ def _main(args: argparse.Namespace) -> int:
                 "nothing was done; rename one or run them into different -o folders"
             )
         names[movie.stem] = movie
-    movies = sharding.take(movies, share)
+    movies = shard.take(movies, share)
     for d in SUBDIRS:
         (outdir / d).mkdir(parents=True, exist_ok=True)
         io.remove_stale_temporaries(outdir / d)
@@ -299,7 +270,6 @@ def _process(movie: Path, problem, outdir: Path, args, show, log: list[dict]) ->
 
 def _watch_problem(inputs: list[str], outdir: Path) -> str | None:
     """Why ``inputs`` cannot be watched into ``outdir`` (outputs would be new inputs), or None."""
-    from cryoden import watch
 
     out = os.path.realpath(outdir)
     for s in inputs:
@@ -317,23 +287,12 @@ def _watch_problem(inputs: list[str], outdir: Path) -> str | None:
 
 def _watch(args, outdir: Path, share, show, log: list[dict]) -> None:
     """Process movies as they become complete; each once, also across restarts."""
-    from cryoden import shard as sharding
-    from cryoden import watch
     from cryoden.movie import SUFFIXES
 
-    settle = SETTLE if args.settle is None else args.settle
     name = "cryoden-movies-watch" + (f".{share.tag}" if share else "") + ".jsonl"
     manifest = watch.Manifest(outdir / name)
     finished = manifest.finished_unchanged()  # a failed file changed since: again
-    follower = watch.Follower(
-        args.movies,
-        SUFFIXES,
-        settle=settle,
-        poll=min(2.0, max(settle / 2, 0.05)),
-        idle=args.idle,
-        done=finished,
-        owns=lambda n: sharding.owns(n, share),
-    )
+    follower = watch.follower(args.movies, SUFFIXES, args, share, finished)
     if finished:
         show.say(f"cryoden: {len(finished)} movie(s) already done according to {manifest.path}")
     stems: dict[str, str] = {

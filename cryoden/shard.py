@@ -45,6 +45,16 @@ class Shard:
         return f"shard-{self.index + 1:0{width}d}-of-{self.count}"
 
 
+def add_arg(group, noun: str) -> None:
+    """``--shard I/N`` for a command over a list of ``noun``s."""
+    group.add_argument(
+        "--shard",
+        metavar="I/N",
+        help=f"process the I-th of N shares of the {noun}s (1 <= I <= N); default: from Slurm "
+        "(array task and srun task), else all",
+    )
+
+
 def parse(spec: str) -> Shard:
     """``'I/N'`` (1 <= I <= N) -> Shard(I - 1, N); ValueError with a one-line reason."""
     m = _SPEC.match(spec)

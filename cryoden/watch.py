@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import json
+import math
 import os
 import stat
 import time
@@ -31,6 +32,63 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _MAGIC = set("*?[")
+SETTLE = 5.0  # default seconds a file must stay unchanged to be complete
+
+
+def add_args(group, noun: str, verb: str) -> None:
+    """``--watch``, ``--settle``, ``--idle`` for a command that ``verb``s each ``noun``."""
+    group.add_argument(
+        "--watch",
+        action="store_true",
+        help=f"follow the input folders (or quoted glob patterns, ** for any depth) and {verb} "
+        f"each {noun} once it is complete; a restart never repeats a {noun} (default: off)",
+    )
+    group.add_argument(
+        "--settle",
+        type=float,
+        metavar="S",
+        help=f"--watch: a {noun} is complete when unchanged for S seconds and as long as it "
+        f"declares (MRC header, TIFF pages, PNG end) (default: {SETTLE:g})",
+    )
+    group.add_argument(
+        "--idle",
+        type=float,
+        metavar="S",
+        help=f"--watch: stop after S seconds without new {noun}s (default: run until Ctrl-C)",
+    )
+
+
+def option_problem(args) -> str | None:
+    """The first problem with ``args.watch/settle/idle`` (see :func:`add_args`), or None."""
+    checks = [
+        (
+            args.settle is None or (math.isfinite(args.settle) and args.settle >= 0),
+            "--settle must be >= 0 seconds",
+        ),
+        (
+            args.idle is None or (math.isfinite(args.idle) and args.idle >= 0),
+            "--idle must be >= 0 seconds",
+        ),
+        (args.watch or args.idle is None, "--idle applies to --watch only"),
+        (args.watch or args.settle is None, "--settle applies to --watch only"),
+    ]
+    return next((msg for ok, msg in checks if not ok), None)
+
+
+def follower(inputs, suffixes, args, share, done) -> Follower:
+    """The :class:`Follower` of a command's ``--watch`` options, taking ``share``'s names."""
+    from cryoden import shard
+
+    settle = SETTLE if args.settle is None else args.settle
+    return Follower(
+        inputs,
+        suffixes,
+        settle=settle,
+        poll=min(2.0, max(settle / 2, 0.05)),
+        idle=args.idle,
+        done=done,
+        owns=lambda name: shard.owns(name, share),
+    )
 
 
 def is_pattern(s: str) -> bool:
