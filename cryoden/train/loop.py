@@ -362,6 +362,18 @@ def train(cfg: Config, command: list[str] | None = None, on_epoch=None) -> dict[
         step.make_eval_step(cfg), in_shardings=(state_sh["params"], bsh), out_shardings=(repl, repl)
     )
 
+    def finished(stopped_early: bool) -> dict[str, Any]:
+        """The result of a run that ended normally (the state as it is now)."""
+        return dict(
+            step=cur,
+            best_val_loss=best,
+            best_step=best_step,
+            model=str(out / weights.MODEL_FILE),
+            interrupted=False,
+            stopped_early=stopped_early,
+            params=mesh.to_host(state["params"]),
+        )
+
     def validate(params) -> float:
         sums = [
             eval_step(params, mesh.global_batch(mesh.local_slice(b), devices))
@@ -493,15 +505,7 @@ def train(cfg: Config, command: list[str] | None = None, on_epoch=None) -> dict[
                 _show(previewer, out, state["params"], epoch + 1, status)
             if early:
                 ckpt.close()
-                return dict(
-                    step=cur,
-                    best_val_loss=best,
-                    best_step=best_step,
-                    model=str(out / weights.MODEL_FILE),
-                    interrupted=False,
-                    stopped_early=True,
-                    params=mesh.to_host(state["params"]),
-                )
+                return finished(stopped_early=True)
             if stop.requested(ckpt, cur) and cur < total_steps:
                 ckpt.close()
                 log.warning("interrupted at step %d; run the same command to resume", cur)
@@ -514,15 +518,7 @@ def train(cfg: Config, command: list[str] | None = None, on_epoch=None) -> dict[
         best_step,
         out / weights.MODEL_FILE,
     )
-    return dict(
-        step=cur,
-        best_val_loss=best,
-        best_step=best_step,
-        model=str(out / weights.MODEL_FILE),
-        interrupted=False,
-        stopped_early=False,
-        params=mesh.to_host(state["params"]),
-    )
+    return finished(stopped_early=False)
 
 
 def _epochs_without_improvement(cur: int, best_step: int | None, steps_per_epoch: int) -> int:
