@@ -409,7 +409,7 @@ def _main(args: argparse.Namespace) -> int:
     record = outdir / (RECORD if share is None else RECORD.replace(".json", f".{share.tag}.json"))
     if args.watch:
         jobs, total = [], None
-        problem = _watch_problem(args, outdir)
+        problem = watch.output_folder_problem(args.inputs, outdir)
         if problem:
             error("--watch", problem)
             return 2
@@ -499,29 +499,6 @@ def _main(args: argparse.Namespace) -> int:
 def _identities(jobs) -> set:
     """Identity keys (outputs.identity) of every existing input of ``jobs``."""
     return set().union(*(outputs.identity(j.src) for j in jobs if os.path.lexists(j.src)))
-
-
-def _watch_problem(args: argparse.Namespace, outdir: Path) -> str | None:
-    """Why these inputs cannot be watched into ``outdir``, or None."""
-
-    out = os.path.realpath(outdir)
-    for s in args.inputs:
-        if watch.is_pattern(s):
-            continue
-        if not os.path.isdir(s):
-            return f"{s} is not a folder: --watch follows folders or quoted glob patterns"
-        if os.path.realpath(s) == out:
-            return (
-                f"the output folder {outdir} is a watched folder: outputs would be taken as "
-                "new inputs; choose another -o"
-            )
-        shots = os.path.join(out, "previews")  # preview.PREVIEWS
-        if args.preview and os.path.realpath(s) == os.path.realpath(shots):
-            return (
-                f"the previews folder of {outdir} is a watched folder: previews would be taken "
-                "as new inputs; choose another -o"
-            )
-    return None
 
 
 def _watch(args, outdir: Path, share, run: Runner, show, log: list[dict], budget: int) -> None:

@@ -183,7 +183,7 @@ def _main(args: argparse.Namespace) -> int:
     record = outdir / (RECORD if share is None else RECORD.replace(".json", f".{share.tag}.json"))
     movies = [] if args.watch else expand(args.movies)
     if args.watch:
-        problem = _watch_problem(args.movies, outdir)
+        problem = watch.output_folder_problem(args.movies, outdir)
         if problem:
             raise ValueError(f"--watch: {problem}")
     jobs = []
@@ -266,23 +266,6 @@ def _process(movie: Path, problem, outdir: Path, args, show, log: list[dict]) ->
         show.error(entry["error"])
     show.file_done()
     return entry
-
-
-def _watch_problem(inputs: list[str], outdir: Path) -> str | None:
-    """Why ``inputs`` cannot be watched into ``outdir`` (outputs would be new inputs), or None."""
-
-    out = os.path.realpath(outdir)
-    for s in inputs:
-        if watch.is_pattern(s):
-            continue
-        if not os.path.isdir(s):
-            return f"{s} is not a folder: --watch follows folders or quoted glob patterns"
-        real = os.path.realpath(s)
-        if real == out or os.path.dirname(real) == out:
-            return (
-                f"the output folder {outdir} (or one of its folders) is watched; choose another -o"
-            )
-    return None
 
 
 def _watch(args, outdir: Path, share, show, log: list[dict]) -> None:

@@ -75,6 +75,29 @@ def option_problem(args) -> str | None:
     return next((msg for ok, msg in checks if not ok), None)
 
 
+def output_folder_problem(inputs: list[str], outdir: Path) -> str | None:
+    """Why ``inputs`` (folders or glob patterns) cannot be watched into ``outdir``, or None.
+
+    A watched folder may be neither the output folder nor inside it (``cryoden movies`` writes
+    ``even/``, ``odd/``, ...; ``cryoden infer --preview`` writes ``previews/``): what a run
+    writes would be taken as new inputs. Patterns are checked per file when they match.
+    """
+    out = os.path.realpath(outdir)
+    for s in inputs:
+        if is_pattern(s):
+            continue
+        if not os.path.isdir(s):
+            return f"{s} is not a folder: --watch follows folders or quoted glob patterns"
+        real = os.path.realpath(s)
+        if os.path.commonpath([real, out]) == out:
+            where = "is" if real == out else "contains"
+            return (
+                f"the output folder {outdir} {where} the watched folder {s}: outputs would be "
+                "taken as new inputs; choose another -o"
+            )
+    return None
+
+
 def follower(inputs, suffixes, args, share, done) -> Follower:
     """The :class:`Follower` of a command's ``--watch`` options, taking ``share``'s names."""
     from cryoden import shard

@@ -386,3 +386,18 @@ def test_shard_error_names_the_option_once(tmp_path, model, capsys):
     assert run(tmp_path / "in", "-o", tmp_path / "o", "-m", model, "--shard", "4/3") == 2
     err = capsys.readouterr().err.strip()
     assert err.count("--shard") == 1 and "I must be between 1 and N" in err
+
+
+def test_output_folder_problem_refuses_the_output_folder_and_folders_inside_it(tmp_path):
+    out = tmp_path / "out"
+    for d in ("in", "out/previews", "out/even", "elsewhere"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "link").symlink_to(out)
+    assert watch.output_folder_problem([str(tmp_path / "in")], out) is None
+    # a folder that merely contains the output folder is fine: folders are not followed down
+    assert watch.output_folder_problem([str(tmp_path)], out) is None
+    assert watch.output_folder_problem([str(tmp_path / "in/*.mrc")], out) is None  # per file
+    for bad in ("out", "out/previews", "out/even", "link"):
+        problem = watch.output_folder_problem([str(tmp_path / "in"), str(tmp_path / bad)], out)
+        assert problem and "watched folder" in problem and "choose another -o" in problem, bad
+    assert "not a folder" in watch.output_folder_problem([str(tmp_path / "nope")], out)
