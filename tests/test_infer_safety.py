@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import new_mrc as mrc
+from inferargs import affine_model
+from inferargs import run_infer as run
 from test_cli import random_model
 
 import cryoden.inference
@@ -38,14 +40,7 @@ def _compile_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """A tiny random-weight 2D model (3x3 affine filter)."""
-    return random_model(tmp_path_factory.mktemp("m") / "2d.npz", ModelSpec("affine", 2, 3, 5))
-
-
-def run(*argv) -> int:
-    parser = argparse.ArgumentParser()
-    infer.add_args(parser)
-    return infer.main(parser.parse_args([str(a) for a in argv]))
+    return affine_model(tmp_path_factory.mktemp("m"))
 
 
 def image(path, shape=(16, 20)):

@@ -7,7 +7,6 @@ the contrast mapping); writes are atomic; pages and previews never replace input
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -15,11 +14,10 @@ import mrcfile
 import numpy as np
 import pytest
 from conftest import new_mrc
+from inferargs import affine_model, run_infer
 from PIL import Image
-from test_cli import random_model
 
-from cryoden import htmlpage, infer, pictures, preview
-from cryoden.models import ModelSpec
+from cryoden import htmlpage, pictures, preview
 
 rng = np.random.default_rng(7)
 
@@ -194,13 +192,7 @@ def test_preview_of_image_stack_and_volume(tmp_path):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return random_model(tmp_path_factory.mktemp("m") / "2d.npz", ModelSpec("affine", 2, 3, 5))
-
-
-def run_infer(*argv) -> int:
-    parser = argparse.ArgumentParser()
-    infer.add_args(parser)
-    return infer.main(parser.parse_args([str(a) for a in argv]))
+    return affine_model(tmp_path_factory.mktemp("m"))
 
 
 def test_infer_preview_writes_one_png_per_file(tmp_path, model):
@@ -237,7 +229,8 @@ def test_watch_never_takes_its_own_previews_as_inputs(tmp_path, model, capsys):
     (out / "previews").mkdir(parents=True)
     args = ("-m", model, "--watch", "--preview", "--idle", "0.3", "--settle", "0")
     assert run_infer(out / "previews", "-o", out, *args) == 2  # the previews folder itself
-    assert "previews folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "contains the watched folder" in err and f"{out / 'previews'}:" in err
     (tmp_path / "in").mkdir()
     new_mrc(tmp_path / "in" / "a.mrc", rng.normal(size=(16, 16)).astype(np.float32))
     pattern = str(tmp_path / "**" / "*.png")  # would take out/previews/a.mrc.png ...

@@ -3,7 +3,6 @@
 Models are tiny random-weight files (see test_cli); images are small MRC files.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -16,11 +15,11 @@ import mrcfile
 import numpy as np
 import pytest
 from conftest import new_mrc as mrc
-from test_cli import random_model
+from inferargs import affine_model
+from inferargs import run_infer as run
 
 import cryoden
-from cryoden import infer, shard, watch
-from cryoden.models import ModelSpec
+from cryoden import shard, watch
 
 ROOT = Path(cryoden.__file__).resolve().parents[1]
 rng = np.random.default_rng(7)
@@ -35,13 +34,7 @@ def _compile_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return random_model(tmp_path_factory.mktemp("m") / "2d.npz", ModelSpec("affine", 2, 3, 5))
-
-
-def run(*argv) -> int:
-    parser = argparse.ArgumentParser()
-    infer.add_args(parser)
-    return infer.main(parser.parse_args([str(a) for a in argv]))
+    return affine_model(tmp_path_factory.mktemp("m"))
 
 
 def images(folder: Path, n: int, shape=(16, 20)) -> list[Path]:
