@@ -415,7 +415,9 @@ def main() -> None:
                     r.update(flops=flops_per_pixel(model) * x.size, input_std=float(x.std()))
                     r.update(shape=list(x.shape))
                 results[tag] = r
-                store.write_text(json.dumps(results, indent=1))
+                from cryoden import atomic
+
+                atomic.write_text(store, json.dumps(results, indent=1))
     print(table(work))
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoden import torchpickle
+from cryoden import atomic, torchpickle
 from cryoden.convert import convert
 from cryoden.weights import sha256_file
 
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
         )
         print(f"{name:12s} {spec} {dest.stat().st_size / 2**20:6.2f} MiB  <- {sav}")
     text = json.dumps({"models": entries}, indent=2) + "\n"
-    (args.out / "MANIFEST.json").write_text(text)
+    atomic.write_text(args.out / "MANIFEST.json", text)
     print(f"wrote {args.out / 'MANIFEST.json'}")
 
 

@@ -172,7 +172,9 @@ def main() -> None:
     table = "\n".join(lines)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     record = dict(settings=settings, scores=scores, seconds=round(time.time() - t0, 1))
-    (args.out / "quality.json").write_text(json.dumps(record, indent=1) + "\n")
+    from cryoden import atomic
+
+    atomic.write_text(args.out / "quality.json", json.dumps(record, indent=1) + "\n")
     print(table)
     print(f"total {time.time() - t0:.0f} s; {args.out / 'quality.json'}")
 
