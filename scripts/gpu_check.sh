@@ -15,9 +15,11 @@
 # Inference and the training step need only jax, flax, optax and numpy; the test suite and
 # the K2 case also need mrcfile. Packages missing there (mrcfile, ...) can be carried as
 # wheels in ./.whl (ignored by git): they are installed first with
-# `pip install --no-index --no-deps --target`, e.g. made on a machine with internet by
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --platform manylinux2014_x86_64 -d .whl mrcfile==1.5.4 ...
+# `pip install --no-index --no-deps --target`; `scripts/gpu_wheels.sh` fetches them (mrcfile,
+# grain, array-record, portpicker; 4.4 MB) on a machine with internet. On an offline machine
+# whose image has JAX with CUDA (e.g. jax 0.11 + jax-cuda13-plugin, Python 3.12), one call:
+#   scripts/gpu_wheels.sh              # here, once
+#   scripts/gpu_check.sh               # there, with .whl carried along (600 s limit)
 #
 # Robustness: every step runs under `timeout`, a failing step is recorded and the next one
 # runs; all output goes to $LOGS/<step>.log and the summary table records each step's exit
