@@ -20,6 +20,7 @@ the way training crops are cut from memory-mapped frames; :func:`write_sums` wri
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +70,16 @@ def half_sizes(n_frames: int, mode: str) -> tuple[int, int]:
 
 TAPS = 8  # windowed-sinc half-width (pixels) of the subpixel shift of a window
 KAISER_BETA = 6.0  # shape of the Kaiser window of the sinc
+
+
+@functools.lru_cache(maxsize=4096)
+def _kernel_spectrum(frac: float, n: int, real: bool) -> np.ndarray:
+    """Conjugate DFT of :func:`shift_kernel` zero-padded to ``n``: ``(n,)`` (``real``: the
+    ``(n // 2 + 1,)`` rfft) complex64; multiplying a spectrum by it correlates with the kernel."""
+    from scipy import fft
+
+    k = shift_kernel(frac)
+    return np.conj(fft.rfft(k, n) if real else fft.fft(k, n)).astype(np.complex64)
 
 
 def shift_kernel(frac: float, taps: int = TAPS) -> np.ndarray:
@@ -142,11 +153,13 @@ def window_sum(
             out += _corrected(frames, i, y, x, (h, w), 0, gain, defects, depth)
             continue
         win = _corrected(frames, i, y, x, (h, w), m, gain, defects, depth)
-        ky = np.conj(fft.fft(shift_kernel(fy), size[0]))  # correlation: sum k[t] win[p + t]
-        kx = np.conj(fft.rfft(shift_kernel(fx), size[1]))
-        spec = fft.rfft2(win.astype(np.float32), s=size)
-        term = spec * (ky[:, None] * kx[None, :]).astype(np.complex64)
-        spectrum = term if spectrum is None else spectrum + term
+        spec = fft.rfft2(win, s=size)  # then correlated with the kernel: sum k[t] win[p + t]
+        spec *= _kernel_spectrum(fy, size[0], False)[:, None]
+        spec *= _kernel_spectrum(fx, size[1], True)[None, :]
+        if spectrum is None:
+            spectrum = spec
+        else:
+            spectrum += spec
     if spectrum is not None:
         out += fft.irfft2(spectrum, s=size)[:h, :w]
     return out
@@ -155,7 +168,8 @@ def window_sum(
 def _corrected(frames, i, y, x, size, margin, gain, defects, depth) -> np.ndarray:
     """Frame ``i``'s window at ``(y, x)`` of ``size`` plus ``margin`` on every side, gain-multiplied
     and defect-filled (read ``depth`` further, so that filled values are the whole frame's), and
-    mirrored where it leaves the frame: ``(rows + 2 margin, columns + 2 margin)`` float64."""
+    mirrored where it leaves the frame: ``(rows + 2 margin, columns + 2 margin)`` float32
+    (as :meth:`cryoden.movie.Movie.frame` computes a frame)."""
     from cryoden.gain import DefectFill
 
     h, w = size
@@ -163,15 +177,13 @@ def _corrected(frames, i, y, x, size, margin, gain, defects, depth) -> np.ndarra
     e = margin + depth
     r0, r1 = max(y - e, 0), min(y + h + e, H)
     c0, c1 = max(x - e, 0), min(x + w + e, W)
-    win = np.asarray(frames[i, r0:r1, c0:c1], np.float64)
+    win = np.array(frames[i, r0:r1, c0:c1], np.float32)
     if gain is not None:
-        win = win * gain[r0:r1, c0:c1]
+        win *= gain[r0:r1, c0:c1]
     if depth:
         mask = np.asarray(defects[r0:r1, c0:c1], bool)
         if mask.any():
-            win = np.ascontiguousarray(win, np.float32)  # DefectFill's dtype, as Movie.frame
             DefectFill(mask).apply(win)
-            win = win.astype(np.float64)
     # the part of the window plus margin that lies in the frame, then mirrored beyond it
     top, left = y - margin, x - margin
     inner = win[max(top, 0) - r0 : min(y + h + margin, H) - r0,
