@@ -144,7 +144,10 @@ def test_train_defects_flag(hot_movie, tmp_path, capsys):
 
     cfg = C.from_args(parse("--movies", str(root / "movies"), "--defects", str(defects),
                             "--out", "r"))  # fmt: skip
-    assert cfg.data.defects == str(defects.absolute())  # saved in the resolved config
+    assert cfg.to_dict()["data"]["defects"] == str(defects.absolute())  # the resolved config
+    paths = moviedata.find_movies(str(root / "movies"))
+    record = moviedata.describe(paths, moviedata.GainSpec(defects=str(defects)))
+    assert record[-1]["defects"] == "defects.txt" and record[-1]["size"] > 0  # RUN/data.json
     run = tmp_path / "run"
     assert cli.main(parse("--even", str(root), "--odd", str(root), "--defects", str(defects),
                           "--out", str(run))) == 2  # fmt: skip
