@@ -9,7 +9,8 @@ Per movie NAME.tif (or .mrc, .mrcs, .tiff, .eer), OUTDIR gets:
   sums/NAME.mrc     the aligned sum of the chosen frames (dose-weighted with --dose-weighting)
   even/NAME.mrc     the aligned sum of frames 1, 3, 5, ... (same shifts and weighting)
   odd/NAME.mrc      the aligned sum of frames 2, 4, 6, ... (even + odd = the full sum)
-  shifts/NAME.star  the frames' shifts, a RELION motion-correction STAR file
+  shifts/NAME.star  the frames' shifts, a RELION motion-correction STAR file (with --patches
+                    also the local shifts of every patch and RELION's polynomial model)
 and OUTDIR/cryoden-movies.json records the options and every movie's outcome and drift. All
 images carry the pixel size in their header. 'cryoden train --even OUTDIR/even --odd
 OUTDIR/odd' pairs the halves by name, as they are.
@@ -340,6 +341,7 @@ def _one(movie: Path, outdir: Path, args, show) -> dict:
         dose_per_frame=args.dose_per_frame,
         voltage=args.voltage,
         start_frame=args.first,
+        local=alignment.local,
     )
     try:
         halfsums.write_sums(images, [even_sum, odd_sum, full], ps, f"cryoden movies {movie.name}")

@@ -205,3 +205,23 @@ def test_watch_processes_each_movie_once_across_restarts(movie_dir, tmp_path, ca
     assert "watched" in capsys.readouterr().err
     assert cli(["movies", str(inbox), "-o", str(out), "--settle", "1"]) == 2
     assert "--settle applies to --watch only" in capsys.readouterr().err
+
+
+def test_patches_write_local_motion_to_the_star_file(movie_dir, done, tmp_path):
+    """--patches: the STAR file adds every patch's local shifts and RELION's polynomial model
+    of the local model the sums used; the global shifts are those of a run without patches."""
+    folder, gain, _ = movie_dir
+    out = tmp_path / "local"
+    argv = ["movies", str(folder / "a.mrcs"), "-o", str(out), "--gain", str(gain), "-q"]
+    assert cli([*argv, "--pixel-size", "1.5", "--patches", "2x2"]) == 0
+    star = motionstar.read(out / "shifts" / "a.star")
+    plain = motionstar.read(done[0] / "shifts" / "a.star")
+    np.testing.assert_allclose(star.shifts, plain.shifts, atol=1e-6)
+    assert star.general["rlnMotionModelVersion"] == 1 and star.model is not None
+    rows = star.local_shifts
+    assert rows.shape == (4 * FRAMES, 5)
+    assert sorted({(x, y) for x, y in rows[:, 1:3]}) == [
+        (15.5, 15.5), (15.5, 47.5), (47.5, 15.5), (47.5, 47.5)
+    ]  # fmt: skip
+    np.testing.assert_array_equal(rows[:FRAMES, 0], np.arange(1, FRAMES + 1))
+    assert np.abs(rows[:, 3:]).max() > 0

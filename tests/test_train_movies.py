@@ -155,11 +155,11 @@ def test_movie_source_crops_are_half_sums_of_fresh_partitions(movies, tmp_path):
     corrected = [sims[1].frame(i).astype(np.float32) * sims[0].gain for i in range(FRAMES)]
     x = src.crop(0, (2, 3), 16, sample=(3, 1, 5))
     a, b = halfsums.sample_partition(FRAMES, "random", 3, 1, 5)
-    whole = align.aligned_sum(corrected, align.Alignment(-m.offsets.astype(float)), indices=a)
     y, xx = m.origin[0] + 2, m.origin[1] + 3
+    want = halfsums.window_sum(np.stack(corrected), a, -shifts, (y, xx), 16)  # gain applied
     _, _, mean, std = src.stats[0]
-    np.testing.assert_allclose(x[0], (whole[y : y + 16, xx : xx + 16] - mean) / std, atol=1e-3)
-    assert np.abs(shifts + m.offsets).max() <= 0.5  # offsets are the rounded shifts
+    np.testing.assert_allclose(x[0], (want - mean) / std, atol=1e-3)
+    np.testing.assert_allclose(m.offsets, -shifts, atol=1e-9)  # the subpixel shifts
     y2 = src.crop(0, (2, 3), 16, sample=(3, 2, 5))  # another epoch: other halves
     assert not np.allclose(x, y2)
     np.testing.assert_array_equal(x, src.crop(0, (2, 3), 16, sample=(3, 1, 5)))

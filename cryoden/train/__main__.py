@@ -76,6 +76,13 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="flip the gain: 1 upside down, 2 left to right (RELION's --gain_flip); default: 0",
     )
     g.add_argument(
+        "--defects",
+        metavar="F",
+        help="defect map (image, nonzero = defect) or defect list (x y w h boxes) of --movies, "
+        "as cryoden movies --defects: those pixels are filled from their neighbours; "
+        "default: none",
+    )
+    g.add_argument(
         "--split",
         choices=["random", "even-odd"],
         help="how --movies frames form two halves: random (fresh equal halves each sample) or "

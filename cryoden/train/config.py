@@ -62,8 +62,9 @@ class ModelConfig:
 class DataConfig:
     """Paired halves (or movies) and sampling. ``batch_size`` is global (all devices of all
     processes). ``movies``: a folder or glob of movies to train from instead of ``even``/``odd``
-    (with ``gain``, ``gain_rot``, ``gain_flip`` as in RELION, and ``split``: ``random`` or
-    ``even-odd`` partitions of each movie's frames)."""
+    (with ``gain``, ``gain_rot``, ``gain_flip`` as in RELION, ``defects``: a defect map or
+    box list as ``cryoden movies --defects``, and ``split``: ``random`` or ``even-odd``
+    partitions of each movie's frames)."""
 
     even: str = ""
     odd: str = ""
@@ -71,6 +72,7 @@ class DataConfig:
     gain: str | None = None
     gain_rot: int = 0
     gain_flip: int = 0
+    defects: str | None = None
     split: str = "random"
     crop: int = 800
     batch_size: int = 4
@@ -152,6 +154,7 @@ class Config:
                 "give either --movies or --even/--odd, not both",
             ),
             (not d.gain or d.movies, "--gain applies to --movies only"),
+            (not d.defects or d.movies, "--defects applies to --movies only"),
             (0 <= d.gain_rot <= 3, f"data.gain_rot {d.gain_rot} must be 0..3"),
             (0 <= d.gain_flip <= 2, f"data.gain_flip {d.gain_flip} must be 0..2"),
             (
@@ -316,7 +319,7 @@ RESUMABLE = {
         "patience",
         "preview",
     },
-    "data": {"num_workers", "even", "odd", "movies", "gain"},
+    "data": {"num_workers", "even", "odd", "movies", "gain", "defects"},
 }
 
 
@@ -339,6 +342,7 @@ FLAGS = {
     "gain": ("data", "gain"),
     "gain_rot": ("data", "gain_rot"),
     "gain_flip": ("data", "gain_flip"),
+    "defects": ("data", "defects"),
     "split": ("data", "split"),
     "out": ("run", "out"),
     "init": ("model", "init"),
@@ -377,7 +381,7 @@ def from_args(args: Any) -> Config:
         raise ValueError("no training data: give --even and --odd, or --movies")
     if movies and (args.even or args.odd):
         raise ValueError("give either --movies or --even/--odd, not both")
-    for flag in ("gain", "gain_rot", "gain_flip", "split"):
+    for flag in ("gain", "gain_rot", "gain_flip", "defects", "split"):
         if not movies and getattr(args, flag, None) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} applies to --movies only")
     arch = arch_fields(args.arch) if args.arch else None
@@ -397,6 +401,7 @@ def from_args(args: Any) -> Config:
         ("data", "odd"),
         ("data", "movies"),
         ("data", "gain"),
+        ("data", "defects"),
         ("run", "out"),
     ):
         if key in over.get(section, {}):

@@ -59,7 +59,7 @@ def difference(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> str | 
 
 def _item(entry: dict[str, Any]) -> str:
     """``'movie m1.tif (123 bytes)'`` for an entry of a movie run's record."""
-    kind = next((k for k in ("movie", "gain", "even") if k in entry), "?")
+    kind = next((k for k in ("movie", "gain", "defects", "even") if k in entry), "?")
     return f"{kind} {entry.get(kind)} ({entry.get('size', entry.get('even_size'))} bytes)"
 
 

@@ -181,7 +181,7 @@ def train(cfg: Config, command: list[str] | None = None, on_epoch=None) -> dict[
 
     # ------------------------------------------------------------------ data
     if d.movies:  # movies: checked now, aligned and cached into RUN/movies once RUN is set up
-        gain = moviedata.GainSpec(d.gain, d.gain_rot, d.gain_flip)
+        gain = moviedata.GainSpec(d.gain, d.gain_rot, d.gain_flip, d.defects)
         pairs = moviedata.find_movies(d.movies)
         train_pairs, val_pairs = data.split_holdout(pairs, d.holdout, cfg.run.seed)
         if spec.ndim != 2:

@@ -6,13 +6,19 @@ their stored dtype: MRC stacks directly, other formats (compressed TIFF, EER) fr
 copy ``RUN/movies/<name>.npy`` written once. A gain reference (oriented as asked) is kept as
 ``RUN/movies/gain.npy``.
 
+A defect map (``--defects``, as ``cryoden movies --defects``) and the gain's zero or non-finite
+pixels make the movie's defect mask (:attr:`cryoden.movie.Movie.defects`), kept as
+``RUN/movies/defects-<H>x<W>.npy``.
+
 A training sample is a window of two half sums: the frames are partitioned into two halves by
 :func:`cryoden.halfsums.sample_partition` (a pure function of ``(seed, epoch, sample)``, fresh
-every epoch), and each half's window is the sum of its frames' windows, each displaced by the
-frame's shift rounded to whole pixels, times the gain (:func:`cryoden.halfsums.window_sum`).
-Windows are drawn inside the region every shifted frame covers. Validation always uses the
-even/odd partition. Both halves are normalised by the mean and std of the movie's even/odd half
-sums of the same number of frames (computed once, when the run starts).
+every epoch), and each half's window is the sum of its frames' windows, each gain-multiplied,
+defect-filled and moved by the frame's subpixel shift (:func:`cryoden.halfsums.window_sum`):
+the same frames, to a windowed-sinc interpolation, as the halves ``cryoden movies`` writes.
+Windows are drawn inside the region every frame, shifted by whole pixels, covers. Validation
+always uses the even/odd partition. Both halves are normalised by the mean and std of the
+movie's even/odd half sums of the same number of frames (computed once, when the run starts,
+over at most :data:`STATS_STRIPS` strips of rows spread over the movie).
 
 :class:`MovieSource` has the interface of the half-file source of :mod:`cryoden.train.data`
 (``pairs``, ``shapes``, ``stats``, ``crop``) and is picklable for grain worker processes.
@@ -36,6 +42,7 @@ log = logging.getLogger("cryoden.train")
 SUFFIXES = (".mrc", ".mrcs", ".tif", ".tiff", ".eer")
 CACHE = "movies"  # RUN/movies/
 STATS_ROWS = 256  # rows of a half sum computed at a time for its statistics
+STATS_STRIPS = 8  # at most this many strips of STATS_ROWS rows, evenly spread, give the statistics
 
 
 def find_movies(spec: str) -> list[Path]:
@@ -61,14 +68,16 @@ def find_movies(spec: str) -> list[Path]:
 
 @dataclasses.dataclass(frozen=True)
 class GainSpec:
-    """The gain options of ``--movies``: file (or None), RELION rotation and flip codes."""
+    """The gain options of ``--movies``: file (or None), RELION rotation and flip codes, and
+    the defect file (map or boxes, :func:`cryoden.gain.load_defects`) or None."""
 
     path: str | None = None
     rot: int = 0
     flip: int = 0
+    defects: str | None = None
 
     def open_kwargs(self) -> dict[str, Any]:
-        return dict(gain=self.path, gain_rot=self.rot, gain_flip=self.flip)
+        return dict(gain=self.path, gain_rot=self.rot, gain_flip=self.flip, defects=self.defects)
 
 
 def check_movies(paths: Sequence[Path], gain: GainSpec, crop: int) -> list[Any]:
@@ -93,12 +102,15 @@ def check_movies(paths: Sequence[Path], gain: GainSpec, crop: int) -> list[Any]:
 
 def describe(paths: Sequence[Path], gain: GainSpec) -> list[dict[str, Any]]:
     """The data record of a movie run (``RUN/data.json``): name, size and fingerprint of every
-    movie in order, then of the gain reference; see :mod:`cryoden.train.datarecord`."""
+    movie in order, then of the gain reference and the defect file; see
+    :mod:`cryoden.train.datarecord`."""
     from cryoden.train.pairs import fingerprint
 
     files = [("movie", Path(p)) for p in paths]
     if gain.path:
         files.append(("gain", Path(gain.path)))
+    if gain.defects:
+        files.append(("defects", Path(gain.defects)))
     return [
         {kind: p.name, "size": os.stat(p).st_size, "fingerprint": fingerprint(p)}
         for kind, p in files
@@ -120,9 +132,11 @@ class _Movie:
     name: str
     frames: str  # .npy or MRC path
     mrc: tuple[tuple[int, ...], str, int] | None  # (shape, dtype, offset) of an MRC stack
-    offsets: np.ndarray  # (N, 2) int (x, y): whole-pixel window displacement per frame
+    offsets: np.ndarray  # (N, 2) float (x, y): subpixel window displacement per frame (-shifts)
     origin: tuple[int, int]  # (row, column) of the valid region's corner in frame coordinates
     shape: tuple[int, int]  # valid region (rows, columns)
+    defects: str | None = None  # .npy (H, W) bool defect mask, or None
+    depth: int = 0  # layers of its defect filling (halfsums.defect_depth)
 
 
 class MovieSource:
@@ -139,10 +153,11 @@ class MovieSource:
         self.shapes = [m.shape for m in movies]
         self._maps: dict[int, np.ndarray] = {}
         self._gain: np.ndarray | None = None
+        self._defects: dict[str, np.ndarray] = {}
         self.stats = [self._stats(j) for j in range(len(movies))]
 
     def __getstate__(self):
-        return {**self.__dict__, "_maps": {}, "_gain": None}
+        return {**self.__dict__, "_maps": {}, "_gain": None, "_defects": {}}
 
     def __len__(self) -> int:
         return len(self.movies)
@@ -162,21 +177,37 @@ class MovieSource:
             self._gain = np.load(self.gain_path, mmap_mode="r")
         return self._gain
 
+    def defects(self, j: int) -> np.ndarray | None:
+        """Movie ``j``'s ``(H, W)`` bool defect mask (memory-mapped), or None."""
+        path = self.movies[j].defects
+        if path is None:
+            return None
+        if path not in self._defects:
+            self._defects[path] = np.load(path, mmap_mode="r")
+        return self._defects[path]
+
     def half_window(self, j: int, indices, origin: Sequence[int], size) -> np.ndarray:
         """Sum of frames ``indices`` of movie ``j`` over a window of the valid region:
         ``origin`` (row, column) in that region, ``size`` an int or (rows, columns);
         ``(rows, columns)`` float64."""
         m = self.movies[j]
         at = (m.origin[0] + int(origin[0]), m.origin[1] + int(origin[1]))
-        return halfsums.window_sum(self._frames(j), indices, m.offsets, at, size, self.gain())
+        return halfsums.window_sum(
+            self._frames(j), indices, m.offsets, at, size, self.gain(), self.defects(j), m.depth
+        )
 
     def _stats(self, j: int) -> tuple[float, float, float, float]:
         n = len(self.movies[j].offsets)
+        h, w = self.shapes[j]
+        rows = list(range(0, h, STATS_ROWS))
+        if len(rows) > STATS_STRIPS:  # evenly spread strips, the first and the last included
+            rows = [
+                rows[round(k * (len(rows) - 1) / (STATS_STRIPS - 1))] for k in range(STATS_STRIPS)
+            ]
         out = []
         for idx in halfsums.partition(n, "even-odd"):
-            h, w = self.shapes[j]
             s, s2, count = 0.0, 0.0, 0
-            for r in range(0, h, STATS_ROWS):
+            for r in rows:
                 x = self.half_window(j, idx, (r, 0), (min(STATS_ROWS, h - r), w))
                 s, s2, count = s + float(x.sum()), s2 + float(np.square(x).sum()), count + x.size
             mean = s / count
@@ -230,6 +261,7 @@ def prepare(
     cache.mkdir(parents=True, exist_ok=True)
     io.remove_stale_temporaries(cache)
     gain_file = None
+    masks: dict[tuple[int, int], tuple[str, int]] = {}  # frame shape -> (mask file, depth)
     movies = []
     for p in [*train, *val]:
         try:
@@ -238,7 +270,13 @@ def prepare(
                 frames, mrc = _frames(m, p, cache / f"{p.stem}.npy")
                 if gain.path and gain_file is None:
                     gain_file = _cache_gain(m, gain, cache / "gain.npy")
-                movies.append(_layout(p.stem, frames, mrc, shifts, tuple(m.info.shape)))
+                shape = tuple(m.info.shape)
+                movie = _layout(p.stem, frames, mrc, shifts, shape)
+                if m.defects is not None:
+                    if shape not in masks:
+                        masks[shape] = _cache_defects(m.defects, cache, shape)
+                    movie.defects, movie.depth = masks[shape]
+                movies.append(movie)
         except (OSError, ValueError) as e:
             raise ValueError(_named(p, e)) from None
     n = len(train)
@@ -247,14 +285,15 @@ def prepare(
 
 
 def _layout(name, frames, mrc, shifts, shape) -> _Movie:
-    """Whole-pixel offsets and the region covered by every shifted frame."""
+    """Subpixel offsets and the region covered by every frame shifted by whole pixels."""
     offsets = offsets_of(shifts)
     lo = np.minimum(offsets.min(0), 0)  # (x, y)
     hi = np.maximum(offsets.max(0), 0)
     valid = (shape[0] - int(hi[1] - lo[1]), shape[1] - int(hi[0] - lo[0]))
     if min(valid) < 1:
         raise ValueError(f"movie {name}: the frames drift by more than their size")
-    return _Movie(name, str(frames), mrc, offsets, (-int(lo[1]), -int(lo[0])), valid)
+    exact = -np.asarray(shifts, np.float64)
+    return _Movie(name, str(frames), mrc, exact, (-int(lo[1]), -int(lo[0])), valid)
 
 
 def offsets_of(shifts: np.ndarray) -> np.ndarray:
@@ -267,7 +306,7 @@ def offsets_of(shifts: np.ndarray) -> np.ndarray:
 
 def _shifts(m, star: Path) -> np.ndarray:
     """The movie's ``(N, 2)`` shifts: read from the cached STAR file, else estimated and
-    cached."""
+    cached, and read back (a fresh run uses the shifts a resumed one reads, to the digit)."""
     from cryoden import motionstar
 
     if star.is_file():
@@ -286,7 +325,7 @@ def _shifts(m, star: Path) -> np.ndarray:
         pixel_size=m.info.pixel_size,
     )
     log.info("aligned %s: drift %.1f px", Path(m.info.path).name, drift(shifts))
-    return shifts
+    return _shifts(m, star)
 
 
 def drift(shifts: np.ndarray) -> float:
@@ -317,7 +356,7 @@ def _frames(m, path: Path, npy: Path):
 
 def _cache_gain(m, gain: GainSpec, npy: Path) -> str:
     """The oriented gain ``(H, W)`` float32 of ``m``'s frames as ``npy`` (zero where it is zero
-    or not finite: such pixels are summed as 0, not filled); -> its path."""
+    or not finite: such pixels are in the movie's defect mask and filled); -> its path."""
     from cryoden.gain import load_gain
 
     eer = 1 if m.info.format == "eer" else None
@@ -327,6 +366,16 @@ def _cache_gain(m, gain: GainSpec, npy: Path) -> str:
         with open(tmp, "wb") as f:
             np.save(f, g)
     return str(npy)
+
+
+def _cache_defects(mask: np.ndarray, cache: Path, shape) -> tuple[str, int]:
+    """Write the ``(H, W)`` bool defect ``mask`` as ``cache/defects-<H>x<W>.npy`` (atomically);
+    -> its path and filling depth."""
+    npy = cache / f"defects-{shape[0]}x{shape[1]}.npy"
+    with io.atomic(npy) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(mask, bool))
+    return str(npy), halfsums.defect_depth(mask)
 
 
 def even_half_file(source: MovieSource, j: int, run: Path) -> Path:
