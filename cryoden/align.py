@@ -409,36 +409,150 @@ def dose_weights(
 
 # ---------------------------------------------------------------------------------------------
 # Sums
+#
+# Each frame is Fourier transformed once, shifted by the separable phase ramp
+# ``exp(-2 pi i ky sy) * exp(-2 pi i kx sx)``, weighted, and added into K accumulators. When the
+# subsets are built from few disjoint "atoms" (frames with the same membership in every subset,
+# e.g. full = even + odd: two atoms for three subsets), only the atoms are accumulated and each
+# subset is the sum of its atoms (:func:`sum_plan`). On the CPU the transforms run in NumPy/SciPy
+# threads (faster than XLA's single-threaded FFT); on an accelerator in one jitted kernel.
 
 
-@partial(jax.jit, static_argnames=("w",), donate_argnums=(0,))
-def _accumulate(acc, frame, shift, member, weight, *, w):
-    """acc (S, H, W//2+1) += member[s] * weight * rfft2(frame) shifted by ``shift`` (2,)."""
-    h = frame.shape[0]
-    spec = jnp.fft.rfft2(frame) * phase_ramp(shift, h, w) * weight
-    return acc + member[:, None, None].astype(acc.dtype) * spec[None]
+def sum_plan(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How to accumulate the subsets of ``members`` (S, N) (frame multiplicity in each subset).
+
+    Returns ``coef`` (K, N): frame ``i`` is added ``coef[k, i]`` times into accumulator ``k``, and
+    ``combine`` (S, K): subset ``s`` is ``sum_k combine[s, k] * accumulator_k``. The accumulators
+    are the atoms (groups of frames with equal membership columns) when there are at most ``S`` of
+    them, else the subsets themselves (``combine`` = identity). Exact: ``combine @ coef == members``.
+    """
+    s, n = members.shape
+    used = np.flatnonzero(members.any(axis=0))
+    columns, atom = np.unique(members[:, used].T, axis=0, return_inverse=True)
+    if len(columns) > s:
+        return members.copy(), np.eye(s, dtype=members.dtype)
+    coef = np.zeros((len(columns), n), members.dtype)
+    coef[atom.reshape(-1), used] = 1
+    return coef, np.ascontiguousarray(columns.T)
 
 
-@jax.jit
-def _dose_row(ne2, dose, norm):
-    return jnp.exp(-dose / ne2) * norm
+def _ramps(shift, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The phase ramp of ``shift`` (x, y) as two factors: (h, 1) and (1, w//2+1) complex64
+    (phases in float64): ``ramp_y * ramp_x == phase_ramp(shift, h, w)`` to float32 rounding."""
+    ky = np.fft.fftfreq(h)[:, None]
+    kx = np.fft.rfftfreq(w)[None, :]
+    ry = np.exp(-2j * np.pi * ky * float(shift[1])).astype(np.complex64)
+    rx = np.exp(-2j * np.pi * kx * float(shift[0])).astype(np.complex64)
+    return ry, rx
 
 
-def _dose_norm(ne2, doses):
-    """``sqrt(N / sum_i exp(-2 D_i / Ne2))``: (H, W//2+1) float32 (host, one frame at a time)."""
-    total = np.zeros(ne2.shape)
-    for d in doses:
-        total += np.exp(-2 * float(d) / ne2)
-    return jnp.asarray(np.sqrt(len(doses) / total), jnp.float32)
+def _threads() -> int:
+    """Worker threads for the host sums: the usable cores, at most 4 (memory: two frames each)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover (not Linux)
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
-def aligned_sums(frames, alignment: Alignment, subsets, dose_weighting=None) -> list[np.ndarray]:
+def _host_accumulate(frames, used, shifts, coef, weights, shape) -> np.ndarray:
+    """Accumulate the shifted, weighted spectra of the frames ``used`` into (K, H, W//2+1)
+    complex64 (NumPy/SciPy). Worker threads transform frames ahead; the spectra are added in frame
+    order, so the result does not depend on the number of threads."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    import scipy.fft
+
+    h, w = shape
+    acc = np.zeros((coef.shape[0], h, w // 2 + 1), np.complex64)
+
+    def spectrum(i):
+        frame = get_frame(frames, i)
+        if frame.shape != (h, w):
+            raise ValueError(f"frame {i} has shape {frame.shape}, frame 0 has {(h, w)}")
+        spec = scipy.fft.rfft2(frame, workers=1)
+        ry, rx = _ramps(shifts[i], h, w)
+        spec *= ry
+        spec *= rx
+        weight = weights(i)
+        if np.ndim(weight):
+            spec *= weight
+        return spec
+
+    def add(i, spec):
+        for k in np.flatnonzero(coef[:, i]):
+            acc[k] += spec if coef[k, i] == 1 else np.complex64(coef[k, i]) * spec
+
+    threads = _threads()
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque()
+        try:
+            for i in used:
+                pending.append((int(i), pool.submit(spectrum, int(i))))
+                if len(pending) > threads:
+                    j, job = pending.popleft()
+                    add(j, job.result())
+            while pending:
+                j, job = pending.popleft()
+                add(j, job.result())
+        finally:
+            for _, job in pending:
+                job.cancel()
+    return acc
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _device_add(acc, frame, ry, rx, coef, weight):
+    """acc (K, H, W//2+1) += coef[k] * rfft2(frame) * ry (H, 1) * rx (1, W//2+1) * weight."""
+    spec = jnp.fft.rfft2(frame) * ry * rx * weight
+    return acc + coef[:, None, None].astype(acc.dtype) * spec[None]
+
+
+def _device_accumulate(frames, used, shifts, coef, weights, shape):
+    """As :func:`_host_accumulate`, in one jitted kernel per frame (accelerators): (K, H, W//2+1)."""
+    h, w = shape
+    acc = jnp.zeros((coef.shape[0], h, w // 2 + 1), jnp.complex64)
+    for i in used:
+        frame = get_frame(frames, int(i))
+        if frame.shape != (h, w):
+            raise ValueError(f"frame {i} has shape {frame.shape}, frame 0 has {(h, w)}")
+        ry, rx = _ramps(shifts[i], h, w)
+        acc = _device_add(acc, frame, ry, rx, coef[:, i].astype(np.float32), weights(int(i)))
+    return acc
+
+
+def _inverse(acc, shape, on_host: bool) -> list[np.ndarray]:
+    """irfft2 of each accumulator (K, H, W//2+1) -> K (H, W) float32 images."""
+    if on_host:
+        import scipy.fft
+
+        return [scipy.fft.irfft2(a, s=shape, workers=_threads()) for a in acc]
+    return [np.asarray(jnp.fft.irfft2(a, s=shape), np.float32) for a in acc]
+
+
+def _combine(images, combine: np.ndarray, shape) -> list[np.ndarray]:
+    """Subset images ``sum_k combine[s, k] * images[k]`` in accumulator order: S (H, W) float32."""
+    out = []
+    for row in combine:
+        total = np.zeros(shape, np.float32)
+        for c, img in zip(row, images, strict=True):
+            if c:
+                total += img if c == 1 else np.float32(c) * img
+        out.append(total)
+    return out
+
+
+def aligned_sums(
+    frames, alignment: Alignment, subsets, dose_weighting=None, *, on_host=None
+) -> list[np.ndarray]:
     """Several aligned sums in one pass over the frames: one (H, W) float32 array per subset.
 
     subsets: a sequence of frame-index collections (``None`` = all frames); each frame is read
     and Fourier transformed once. dose_weighting: None, a :class:`DoseWeighting`, or an array
     (N, H, W//2+1) of weights (e.g. from :func:`dose_weights`). With a local model the local
-    part is applied by bilinear interpolation after the global Fourier shift.
+    part is applied by bilinear interpolation after the global Fourier shift. ``on_host``: run
+    the transforms in NumPy/SciPy (default: when JAX runs on the CPU) or in JAX.
     """
     n = frame_count(frames)
     shifts = np.asarray(alignment.shifts, np.float64)
@@ -456,37 +570,50 @@ def aligned_sums(frames, alignment: Alignment, subsets, dose_weighting=None) -> 
         from cryoden import align_local
 
         return align_local.sums(frames, alignment, members, used, dose_weighting)
-    h, w = get_frame(frames, int(used[0]) if used.size else 0).shape
-    acc = jnp.zeros((len(subsets), h, w // 2 + 1), jnp.complex64)
-    weights = _weights_fn(dose_weighting, n, h, w)
-    for i in used:
-        frame = jnp.asarray(get_frame(frames, int(i)))
-        if frame.shape != (h, w):
-            raise ValueError(f"frame {i} has shape {frame.shape}, frame 0 has {(h, w)}")
-        acc = _accumulate(
-            acc, frame, jnp.asarray(shifts[i], jnp.float32), jnp.asarray(members[:, i]),
-            weights(int(i)), w=w,
-        )  # fmt: skip
-    out = jnp.fft.irfft2(acc, s=(h, w))
-    return [np.asarray(o, np.float32) for o in out]
+    shape = get_frame(frames, int(used[0]) if used.size else 0).shape
+    weights = _weights_fn(dose_weighting, n, *shape)
+    coef, combine = sum_plan(members)
+    if on_host is None:
+        on_host = jax.default_backend() == "cpu"
+    accumulate = _host_accumulate if on_host else _device_accumulate
+    acc = accumulate(frames, used, shifts, coef, weights, shape)
+    images = _inverse(acc, shape, on_host)
+    del acc
+    return _combine(images, combine, shape)
+
+
+def _dose_norm(ne2, doses):
+    """``sqrt(N / sum_i exp(-2 D_i / Ne2))``: (H, W//2+1) float32 (one frame at a time)."""
+    total = np.zeros(ne2.shape)
+    for d in doses:
+        total += np.exp(-2 * float(d) / ne2)
+    return np.sqrt(len(doses) / total).astype(np.float32)
 
 
 def _weights_fn(dose_weighting, n, h, w):
-    """Frame index -> (H, W//2+1) float32 weights (or the scalar 1.0 without dose weighting)."""
+    """Frame index -> (H, W//2+1) float32 weights (NumPy), or the scalar 1.0 without dose
+    weighting."""
     if dose_weighting is None:
-        one = jnp.float32(1.0)
+        one = np.float32(1.0)
         return lambda i: one
     if isinstance(dose_weighting, DoseWeighting):
         dw = dose_weighting
         doses = _doses(n, dw.dose_per_frame, dw.pre_exposure, dw.voltage)
         ne2 = _critical_exposure(h, w, dw.pixel_size)
         norm = _dose_norm(ne2, doses)
-        ne2 = jnp.asarray(ne2, jnp.float32)
-        return lambda i: _dose_row(ne2, jnp.float32(doses[i]), norm)
+        inv = (1 / ne2).astype(np.float32)  # 0 at k = 0 (Ne2 = inf): weight = norm
+
+        def row(i):
+            out = np.multiply(inv, np.float32(-doses[i]))
+            np.exp(out, out=out)
+            out *= norm
+            return out
+
+        return row
     arr = np.asarray(dose_weighting)
     if arr.shape != (n, h, w // 2 + 1):
         raise ValueError(f"dose weights have shape {arr.shape}, expected {(n, h, w // 2 + 1)}")
-    return lambda i: jnp.asarray(arr[i], jnp.float32)
+    return lambda i: np.asarray(arr[i], np.float32)
 
 
 def aligned_sum(frames, alignment: Alignment, indices=None, dose_weighting=None) -> np.ndarray:
