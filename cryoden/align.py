@@ -422,9 +422,10 @@ def sum_plan(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """How to accumulate the subsets of ``members`` (S, N) (frame multiplicity in each subset).
 
     Returns ``coef`` (K, N): frame ``i`` is added ``coef[k, i]`` times into accumulator ``k``, and
-    ``combine`` (S, K): subset ``s`` is ``sum_k combine[s, k] * accumulator_k``. The accumulators
-    are the atoms (groups of frames with equal membership columns) when there are at most ``S`` of
-    them, else the subsets themselves (``combine`` = identity). Exact: ``combine @ coef == members``.
+    ``combine`` (S, K): subset ``s`` is ``sum_k combine[s, k] * accumulator_k``. The
+    accumulators are the atoms (groups of frames with equal membership columns) when there are at
+    most ``S`` of them, else the subsets themselves (``combine`` = identity). Exact:
+    ``combine @ coef == members``.
     """
     s, n = members.shape
     used = np.flatnonzero(members.any(axis=0))
@@ -510,7 +511,7 @@ def _device_add(acc, frame, ry, rx, coef, weight):
 
 
 def _device_accumulate(frames, used, shifts, coef, weights, shape):
-    """As :func:`_host_accumulate`, in one jitted kernel per frame (accelerators): (K, H, W//2+1)."""
+    """As :func:`_host_accumulate`, one jitted kernel per frame (accelerators): (K, H, W//2+1)."""
     h, w = shape
     acc = jnp.zeros((coef.shape[0], h, w // 2 + 1), jnp.complex64)
     for i in used:
