@@ -593,10 +593,10 @@ def aligned_sums(
 
         return align_local.sums(frames, alignment, members, used, dose_weighting)
     shape = get_frame(frames, int(used[0]) if used.size else 0).shape
-    weights = _weights_fn(dose_weighting, n, *shape)
-    coef, combine = sum_plan(members)
     if on_host is None:
         on_host = jax.default_backend() == "cpu"
+    weights = _weights_fn(dose_weighting, n, *shape, device=not on_host)
+    coef, combine = sum_plan(members)
     accumulate = _host_accumulate if on_host else _device_accumulate
     acc = accumulate(frames, used, shifts, coef, weights, shape)
     images = _inverse(acc, shape, on_host)
@@ -612,9 +612,16 @@ def _dose_norm(ne2, doses):
     return np.sqrt(len(doses) / total).astype(np.float32)
 
 
-def _weights_fn(dose_weighting, n, h, w):
-    """Frame index -> (H, W//2+1) float32 weights (NumPy), or the scalar 1.0 without dose
-    weighting."""
+@jax.jit
+def _dose_row(inv, dose, norm):
+    """``exp(-dose * inv) * norm``: one frame's dose weights computed on the device."""
+    return jnp.exp(-dose * inv) * norm
+
+
+def _weights_fn(dose_weighting, n, h, w, device=None):
+    """Frame index -> (H, W//2+1) float32 weights (NumPy; with ``device`` and a
+    :class:`DoseWeighting`, computed by JAX on the device; ``device=None``: when JAX does not run
+    on the CPU), or the scalar 1.0 without dose weighting."""
     if dose_weighting is None:
         one = np.float32(1.0)
         return lambda i: one
@@ -624,6 +631,11 @@ def _weights_fn(dose_weighting, n, h, w):
         ne2 = _critical_exposure(h, w, dw.pixel_size)
         norm = _dose_norm(ne2, doses)
         inv = (1 / ne2).astype(np.float32)  # 0 at k = 0 (Ne2 = inf): weight = norm
+        if device is None:
+            device = jax.default_backend() != "cpu"
+        if device:
+            inv_d, norm_d = jnp.asarray(inv), jnp.asarray(norm)
+            return lambda i: _dose_row(inv_d, np.float32(doses[i]), norm_d)
 
         def row(i):
             out = np.multiply(inv, np.float32(-doses[i]))
