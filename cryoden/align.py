@@ -142,26 +142,30 @@ def edge_taper(h: int, w: int, margin: float):
     return np.outer(ramp(h), ramp(w)).astype(np.float32)
 
 
-@partial(jax.jit, static_argnames=("w",))
-def _spectra(binned, w):
-    """rfft2 of the periodic component of mean-subtracted binned frames: (N, h, w) -> (N, h, w2).
+def _spectra(binned: np.ndarray) -> np.ndarray:
+    """rfft2 of the periodic component of mean-subtracted binned frames: (N, h, w) float32 ->
+    (N, h, w//2+1) complex64 (NumPy/SciPy: no kernel to compile).
 
     Moisan's periodic-plus-smooth decomposition removes the jump between opposite borders, which
     would otherwise correlate at zero shift in every frame (a pull towards no motion).
     """
-    u = binned - binned.mean(axis=(1, 2), keepdims=True)
-    h = u.shape[1]
-    v = jnp.zeros_like(u)
+    import scipy.fft
+
+    _, h, w = binned.shape
+    u = binned - binned.mean(axis=(1, 2), keepdims=True, dtype=np.float64).astype(np.float32)
+    v = np.zeros_like(u)
     dy = u[:, -1, :] - u[:, 0, :]
-    v = v.at[:, 0, :].add(dy).at[:, -1, :].add(-dy)
+    v[:, 0, :] += dy
+    v[:, -1, :] -= dy
     dx = u[:, :, -1] - u[:, :, 0]
-    v = v.at[:, :, 0].add(dx).at[:, :, -1].add(-dx)
-    ky, kx = _freqs(h, w)
-    denom = 2 * jnp.cos(2 * jnp.pi * kx) + 2 * jnp.cos(2 * jnp.pi * ky) - 4
-    denom = jnp.where(denom == 0, 1.0, denom)
-    smooth = jnp.fft.rfft2(v, s=(h, w)) / denom
-    smooth = smooth.at[:, 0, 0].set(0)
-    return jnp.fft.rfft2(u, s=(h, w)) - smooth
+    v[:, :, 0] += dx
+    v[:, :, -1] -= dx
+    ky = np.fft.fftfreq(h)[:, None]
+    kx = np.fft.rfftfreq(w)[None, :]
+    denom = 2 * np.cos(2 * np.pi * kx) + 2 * np.cos(2 * np.pi * ky) - 4
+    denom[0, 0] = np.inf  # the smooth component has no mean
+    smooth = scipy.fft.rfft2(v, workers=threads()) / denom.astype(np.float32)
+    return scipy.fft.rfft2(u, workers=threads()) - smooth
 
 
 def _group_sums(aligned, group: int):
@@ -323,7 +327,7 @@ def align_binned(binned, *, binning, bfactor, iterations, tolerance, group, radi
             tolerance=0.1, group=group, radius=radius / COARSE,
         )  # fmt: skip
         shifts = np.asarray(start * COARSE, np.float32)
-    spectra = _spectra(jnp.asarray(binned), w)
+    spectra = jnp.asarray(_spectra(binned))
     weight = bfactor_weight(h, w, bfactor, binning)
     window = np.ones((h, w), np.float32)
     done, windowed = 0, False
