@@ -269,29 +269,36 @@ def read_binned(frames, b: int, first: np.ndarray | None = None) -> np.ndarray:
     first = bin_frame(get_frame(frames, 0) if first is None else first, b)
     out = np.empty((n,) + first.shape, np.float32)
     out[0] = first
-    for i, binned in in_order(lambda i: bin_frame(get_frame(frames, i), b), range(1, n)):
+    item_bytes = 2 * first.nbytes * b * b  # the frame and its float32 copy
+    for i, binned in in_order(
+        lambda i: bin_frame(get_frame(frames, i), b), range(1, n), item_bytes
+    ):
         out[i] = binned
     return out
 
 
-def threads() -> int:
-    """Worker threads for frame-by-frame host work: the usable cores, at most 4 (each thread
-    holds a frame or two)."""
+THREAD_MEMORY = 2**30  # bytes that the frames in flight in worker threads may take together
+
+
+def threads(item_bytes: int = 0) -> int:
+    """Worker threads for frame-by-frame host work: the usable cores, at most 4, and fewer when
+    ``item_bytes`` (what one thread holds) times the threads would exceed ``THREAD_MEMORY``."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover (not Linux)
         cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return max(1, min(4, cores, THREAD_MEMORY // max(1, item_bytes)))
 
 
-def in_order(fn, items):
+def in_order(fn, items, item_bytes: int = 0):
     """Yield ``(item, fn(item))`` in the order of ``items``, computed by :func:`threads` worker
-    threads a few items ahead (NumPy and SciPy release the GIL). An exception in ``fn`` is
-    raised here, for the first failing item in order; no further items are started."""
+    threads a few items ahead (NumPy and SciPy release the GIL); ``item_bytes``: the memory that
+    one call of ``fn`` holds. An exception in ``fn`` is raised here, for the first failing item
+    in order; no further items are started."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    k = threads()
+    k = threads(item_bytes)
     items = iter(items)
     with ThreadPoolExecutor(k) as pool:
         pending = deque()
@@ -523,7 +530,8 @@ def _host_accumulate(frames, used, shifts, coef, weights, shape) -> np.ndarray:
         for k in np.flatnonzero(coef[:, i]):
             acc[k] += spec if coef[k, i] == 1 else np.complex64(coef[k, i]) * spec
 
-    for i, spec in in_order(spectrum, [int(i) for i in used]):
+    item_bytes = 2 * h * (w // 2 + 1) * 8  # a float32 frame and its complex64 spectrum
+    for i, spec in in_order(spectrum, [int(i) for i in used], item_bytes):
         add(i, spec)
     return acc
 

@@ -328,13 +328,15 @@ def test_aligned_sums_do_not_depend_on_threads(monkeypatch):
     a = align.Alignment(np.concatenate([[[0, 0]], rng.uniform(-3, 3, (5, 2))]))
     results = []
     for k in (1, 2, 3):
-        monkeypatch.setattr(align, "threads", lambda k=k: k)
+        monkeypatch.setattr(align, "threads", lambda *_, k=k: k)
         results.append(
             align.aligned_sums(frames, a, [None, [0, 2, 4]]) + [align.read_binned(frames, 2)]
         )
     for other in results[1:]:
         for x, y in zip(results[0], other, strict=True):
             np.testing.assert_array_equal(x, y)
+    monkeypatch.undo()
+    assert align.threads(2**40) == 1  # frames too large for several in memory: one thread
     frames[4] = frames[4][:32]
     with pytest.raises(ValueError, match="frame 4 has shape"):
         align.aligned_sums(frames, a, [None])
