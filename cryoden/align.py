@@ -105,11 +105,13 @@ def _freqs(h: int, w: int):
 
 
 def phase_ramp(shifts, h: int, w: int):
-    """``exp(-2 pi i (kx sx + ky sy))`` for shifts (..., 2) -> (..., h, w//2+1) complex64."""
+    """``exp(-2 pi i (kx sx + ky sy))`` for shifts (..., 2) -> (..., h, w//2+1) complex64, as the
+    product of its separable factors (h + w//2+1 complex exponentials per shift, not h * w//2+1)."""
     ky, kx = _freqs(h, w)
     s = jnp.asarray(shifts, jnp.float32)
-    phase = kx * s[..., 0, None, None] + ky * s[..., 1, None, None]
-    return jnp.exp(-2j * jnp.pi * phase).astype(jnp.complex64)
+    ry = jnp.exp(-2j * jnp.pi * (ky * s[..., 1, None, None]))
+    rx = jnp.exp(-2j * jnp.pi * (kx * s[..., 0, None, None]))
+    return (ry * rx).astype(jnp.complex64)
 
 
 def bfactor_weight(h: int, w: int, bfactor: float, binning: int):
