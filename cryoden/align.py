@@ -85,11 +85,16 @@ def auto_binning(shape: Sequence[int]) -> int:
 
 
 def bin_frame(frame: np.ndarray, b: int) -> np.ndarray:
-    """Block mean over ``b x b`` pixels: (H, W) -> (H // b, W // b) float32 (edges cropped)."""
+    """Block mean over ``b x b`` pixels: (H, W) -> (H // b, W // b) float32 (edges cropped).
+
+    Rows are added first (whole contiguous rows at a time), then columns: several times faster
+    than a mean over both axes of a (h, b, w, b) view.
+    """
     if b == 1:
         return np.asarray(frame, np.float32)
     h, w = frame.shape[0] // b, frame.shape[1] // b
-    return frame[: h * b, : w * b].reshape(h, b, w, b).mean(axis=(1, 3), dtype=np.float32)
+    rows = np.asarray(frame[: h * b, : w * b], np.float32).reshape(h, b, w * b).sum(axis=1)
+    return rows.reshape(h, w, b).sum(axis=2) * np.float32(1 / (b * b))
 
 
 def _freqs(h: int, w: int):
@@ -100,11 +105,13 @@ def _freqs(h: int, w: int):
 
 
 def phase_ramp(shifts, h: int, w: int):
-    """``exp(-2 pi i (kx sx + ky sy))`` for shifts (..., 2) -> (..., h, w//2+1) complex64."""
+    """``exp(-2 pi i (kx sx + ky sy))`` for shifts (..., 2) -> (..., h, w//2+1) complex64, as the
+    product of its separable factors (h + w//2+1 complex exponentials per shift, not h * w//2+1)."""
     ky, kx = _freqs(h, w)
     s = jnp.asarray(shifts, jnp.float32)
-    phase = kx * s[..., 0, None, None] + ky * s[..., 1, None, None]
-    return jnp.exp(-2j * jnp.pi * phase).astype(jnp.complex64)
+    ry = jnp.exp(-2j * jnp.pi * (ky * s[..., 1, None, None]))
+    rx = jnp.exp(-2j * jnp.pi * (kx * s[..., 0, None, None]))
+    return (ry * rx).astype(jnp.complex64)
 
 
 def bfactor_weight(h: int, w: int, bfactor: float, binning: int):
@@ -113,9 +120,10 @@ def bfactor_weight(h: int, w: int, bfactor: float, binning: int):
     ``B`` in pixel^2 of the delivered frames, as RELION's ``--bfactor`` and MotionCor2's ``-Bft``
     (the 2: the weight ``exp(-B k^2)`` applies to both the frame and the reference).
     """
-    ky, kx = _freqs(h, w)
+    ky = np.fft.fftfreq(h)[:, None]
+    kx = np.fft.rfftfreq(w)[None, :]
     k2 = (kx * kx + ky * ky) / binning**2
-    return jnp.exp(-2 * bfactor * k2).astype(jnp.float32)
+    return np.exp(-2 * bfactor * k2).astype(np.float32)
 
 
 def edge_taper(h: int, w: int, margin: float):
@@ -133,29 +141,33 @@ def edge_taper(h: int, w: int, margin: float):
         r[n - m0 - m : n - m0] = edge[::-1]
         return r
 
-    return jnp.asarray(np.outer(ramp(h), ramp(w)), jnp.float32)
+    return np.outer(ramp(h), ramp(w)).astype(np.float32)
 
 
-@partial(jax.jit, static_argnames=("w",))
-def _spectra(binned, w):
-    """rfft2 of the periodic component of mean-subtracted binned frames: (N, h, w) -> (N, h, w2).
+def _spectra(binned: np.ndarray) -> np.ndarray:
+    """rfft2 of the periodic component of mean-subtracted binned frames: (N, h, w) float32 ->
+    (N, h, w//2+1) complex64 (NumPy/SciPy: no kernel to compile).
 
     Moisan's periodic-plus-smooth decomposition removes the jump between opposite borders, which
     would otherwise correlate at zero shift in every frame (a pull towards no motion).
     """
-    u = binned - binned.mean(axis=(1, 2), keepdims=True)
-    h = u.shape[1]
-    v = jnp.zeros_like(u)
+    import scipy.fft
+
+    _, h, w = binned.shape
+    u = binned - binned.mean(axis=(1, 2), keepdims=True, dtype=np.float64).astype(np.float32)
+    v = np.zeros_like(u)
     dy = u[:, -1, :] - u[:, 0, :]
-    v = v.at[:, 0, :].add(dy).at[:, -1, :].add(-dy)
+    v[:, 0, :] += dy
+    v[:, -1, :] -= dy
     dx = u[:, :, -1] - u[:, :, 0]
-    v = v.at[:, :, 0].add(dx).at[:, :, -1].add(-dx)
-    ky, kx = _freqs(h, w)
-    denom = 2 * jnp.cos(2 * jnp.pi * kx) + 2 * jnp.cos(2 * jnp.pi * ky) - 4
-    denom = jnp.where(denom == 0, 1.0, denom)
-    smooth = jnp.fft.rfft2(v, s=(h, w)) / denom
-    smooth = smooth.at[:, 0, 0].set(0)
-    return jnp.fft.rfft2(u, s=(h, w)) - smooth
+    v[:, :, 0] += dx
+    v[:, :, -1] -= dx
+    ky = np.fft.fftfreq(h)[:, None]
+    kx = np.fft.rfftfreq(w)[None, :]
+    denom = 2 * np.cos(2 * np.pi * kx) + 2 * np.cos(2 * np.pi * ky) - 4
+    denom[0, 0] = np.inf  # the smooth component has no mean
+    smooth = scipy.fft.rfft2(v, workers=threads()) / denom.astype(np.float32)
+    return scipy.fft.rfft2(u, workers=threads()) - smooth
 
 
 def _group_sums(aligned, group: int):
@@ -194,13 +206,14 @@ def _peaks(cc, radius: float):
     return jnp.stack([sx, sy], axis=1).astype(jnp.float32)
 
 
-@partial(jax.jit, static_argnames=("w", "group", "radius", "windowed"))
-def residual_shifts(spectra, weight, window, shifts, *, w, group, radius, windowed):
+@partial(jax.jit, static_argnames=("w", "group", "radius"))
+def residual_shifts(spectra, weight, window, shifts, windowed, *, w, group, radius):
     """One alignment iteration: residual shift of each frame against the sum of the others.
 
     spectra: (N, h, w//2+1) complex64 of the binned frames; weight: (h, w//2+1) float32; shifts:
     (N, 2) current shifts (binned pixels). Returns (N, 2) residual shifts to add (binned pixels).
-    ``windowed``: multiply the shifted frames by ``window`` (h, w), the same for all frames in the
+    ``windowed`` (a traced bool: one compiled kernel for both kinds of iteration): multiply the
+    shifted frames by ``window`` (h, w), the same for all frames in the
     aligned coordinates; it hides the borders, where periodic shifts wrap and content enters and
     leaves, and cannot bias the residuals at convergence (the plain iteration is biased by up to
     about 1% of the motion; a window fixed to the unshifted frames would pull towards no motion).
@@ -210,8 +223,12 @@ def residual_shifts(spectra, weight, window, shifts, *, w, group, radius, window
     """
     h = spectra.shape[1]
     aligned = spectra * phase_ramp(shifts, h, w)
-    if windowed:
-        aligned = jnp.fft.rfft2(jnp.fft.irfft2(aligned, s=(h, w)) * window)
+    aligned = jax.lax.cond(
+        windowed,
+        lambda a: jnp.fft.rfft2(jnp.fft.irfft2(a, s=(h, w)) * window),
+        lambda a: a,
+        aligned,
+    )
     total = aligned.sum(axis=0)
     own = aligned if group <= 1 else _group_sums(aligned, group)
     cc = jnp.fft.irfft2((total[None] - own) * jnp.conj(own) * weight, s=(h, w))
@@ -254,9 +271,51 @@ def read_binned(frames, b: int, first: np.ndarray | None = None) -> np.ndarray:
     first = bin_frame(get_frame(frames, 0) if first is None else first, b)
     out = np.empty((n,) + first.shape, np.float32)
     out[0] = first
-    for i in range(1, n):
-        out[i] = bin_frame(get_frame(frames, i), b)
+    item_bytes = 2 * first.nbytes * b * b  # the frame and its float32 copy
+    for i, binned in in_order(
+        lambda i: bin_frame(get_frame(frames, i), b), range(1, n), item_bytes
+    ):
+        out[i] = binned
     return out
+
+
+THREAD_MEMORY = 2**30  # bytes that the frames in flight in worker threads may take together
+
+
+def threads(item_bytes: int = 0) -> int:
+    """Worker threads for frame-by-frame host work: the usable cores, at most 4, and fewer when
+    ``item_bytes`` (what one thread holds) times the threads would exceed ``THREAD_MEMORY``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover (not Linux)
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores, THREAD_MEMORY // max(1, item_bytes)))
+
+
+def in_order(fn, items, item_bytes: int = 0):
+    """Yield ``(item, fn(item))`` in the order of ``items``, computed by :func:`threads` worker
+    threads a few items ahead (NumPy and SciPy release the GIL); ``item_bytes``: the memory that
+    one call of ``fn`` holds. An exception in ``fn`` is raised here, for the first failing item
+    in order; no further items are started."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    k = threads(item_bytes)
+    items = iter(items)
+    with ThreadPoolExecutor(k) as pool:
+        pending = deque()
+        try:
+            for item in items:
+                pending.append((item, pool.submit(fn, item)))
+                if len(pending) > k:
+                    done, job = pending.popleft()
+                    yield done, job.result()
+            while pending:
+                done, job = pending.popleft()
+                yield done, job.result()
+        finally:
+            for _, job in pending:
+                job.cancel()
 
 
 def align_binned(binned, *, binning, bfactor, iterations, tolerance, group, radius=None):
@@ -269,27 +328,27 @@ def align_binned(binned, *, binning, bfactor, iterations, tolerance, group, radi
     n, h, w = binned.shape
     if radius is None:
         radius = float(min(h, w) // 4)
-    shifts = jnp.zeros((n, 2), jnp.float32)
+    shifts = np.zeros((n, 2), np.float32)
     if min(h, w) >= 512:
         coarse = np.stack([bin_frame(f, COARSE) for f in binned])
         start = align_binned(
             coarse, binning=binning * COARSE, bfactor=bfactor, iterations=iterations,
             tolerance=0.1, group=group, radius=radius / COARSE,
         )  # fmt: skip
-        shifts = jnp.asarray(start * COARSE, jnp.float32)
-    spectra = _spectra(jnp.asarray(binned), w)
+        shifts = np.asarray(start * COARSE, np.float32)
+    spectra = jnp.asarray(_spectra(binned))
     weight = bfactor_weight(h, w, bfactor, binning)
-    window = jnp.ones((h, w), jnp.float32)
+    window = np.ones((h, w), np.float32)
     done, windowed = 0, False
     while done < max(1, iterations):
         res = residual_shifts(
-            spectra, weight, window, shifts, w=w, group=int(group), radius=radius,
-            windowed=windowed,
+            spectra, weight, window, shifts, windowed, w=w, group=int(group), radius=radius,
         )  # fmt: skip
+        res = np.asarray(res)
         res = res - res[0]
         shifts = shifts + res
         done += 1
-        change = float(jnp.max(jnp.abs(res)))
+        change = float(np.max(np.abs(res)))
         if os.environ.get("CRYODEN_ALIGN_DEBUG"):
             print(f"align {h}x{w} windowed={windowed} change={change:.4f}", flush=True)
         if windowed and change < tolerance:
@@ -298,7 +357,7 @@ def align_binned(binned, *, binning, bfactor, iterations, tolerance, group, radi
             windowed = True  # refine: at most 3 windowed iterations (two more FFTs per frame)
             done = max(done, iterations - 3)
         if windowed:
-            window = edge_taper(h, w, float(jnp.max(jnp.abs(shifts))) + 2)
+            window = edge_taper(h, w, float(np.max(np.abs(shifts))) + 2)
     shifts = np.asarray(shifts, np.float64)
     if group > 1:  # piecewise constant -> interpolated between group centres
         centres = np.arange(n) // group
@@ -409,36 +468,127 @@ def dose_weights(
 
 # ---------------------------------------------------------------------------------------------
 # Sums
+#
+# Each frame is Fourier transformed once, shifted by the separable phase ramp
+# ``exp(-2 pi i ky sy) * exp(-2 pi i kx sx)``, weighted, and added into K accumulators. When the
+# subsets are built from few disjoint "atoms" (frames with the same membership in every subset,
+# e.g. full = even + odd: two atoms for three subsets), only the atoms are accumulated and each
+# subset is the sum of its atoms (:func:`sum_plan`). On the CPU the transforms run in NumPy/SciPy
+# threads (faster than XLA's single-threaded FFT); on an accelerator in one jitted kernel.
 
 
-@partial(jax.jit, static_argnames=("w",), donate_argnums=(0,))
-def _accumulate(acc, frame, shift, member, weight, *, w):
-    """acc (S, H, W//2+1) += member[s] * weight * rfft2(frame) shifted by ``shift`` (2,)."""
-    h = frame.shape[0]
-    spec = jnp.fft.rfft2(frame) * phase_ramp(shift, h, w) * weight
-    return acc + member[:, None, None].astype(acc.dtype) * spec[None]
+def sum_plan(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How to accumulate the subsets of ``members`` (S, N) (frame multiplicity in each subset).
+
+    Returns ``coef`` (K, N): frame ``i`` is added ``coef[k, i]`` times into accumulator ``k``, and
+    ``combine`` (S, K): subset ``s`` is ``sum_k combine[s, k] * accumulator_k``. The
+    accumulators are the atoms (groups of frames with equal membership columns) when there are at
+    most ``S`` of them, else the subsets themselves (``combine`` = identity). Exact:
+    ``combine @ coef == members``.
+    """
+    s, n = members.shape
+    used = np.flatnonzero(members.any(axis=0))
+    columns, atom = np.unique(members[:, used].T, axis=0, return_inverse=True)
+    if len(columns) > s:
+        return members.copy(), np.eye(s, dtype=members.dtype)
+    coef = np.zeros((len(columns), n), members.dtype)
+    coef[atom.reshape(-1), used] = 1
+    return coef, np.ascontiguousarray(columns.T)
 
 
-@jax.jit
-def _dose_row(ne2, dose, norm):
-    return jnp.exp(-dose / ne2) * norm
+def _ramps(shift, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The phase ramp of ``shift`` (x, y) as two factors: (h, 1) and (1, w//2+1) complex64
+    (phases in float64): ``ramp_y * ramp_x == phase_ramp(shift, h, w)`` to float32 rounding."""
+    ky = np.fft.fftfreq(h)[:, None]
+    kx = np.fft.rfftfreq(w)[None, :]
+    ry = np.exp(-2j * np.pi * ky * float(shift[1])).astype(np.complex64)
+    rx = np.exp(-2j * np.pi * kx * float(shift[0])).astype(np.complex64)
+    return ry, rx
 
 
-def _dose_norm(ne2, doses):
-    """``sqrt(N / sum_i exp(-2 D_i / Ne2))``: (H, W//2+1) float32 (host, one frame at a time)."""
-    total = np.zeros(ne2.shape)
-    for d in doses:
-        total += np.exp(-2 * float(d) / ne2)
-    return jnp.asarray(np.sqrt(len(doses) / total), jnp.float32)
+def _host_accumulate(frames, used, shifts, coef, weights, shape) -> np.ndarray:
+    """Accumulate the shifted, weighted spectra of the frames ``used`` into (K, H, W//2+1)
+    complex64 (NumPy/SciPy). Worker threads transform frames ahead; the spectra are added in frame
+    order, so the result does not depend on the number of threads."""
+    import scipy.fft
+
+    h, w = shape
+    acc = np.zeros((coef.shape[0], h, w // 2 + 1), np.complex64)
+
+    def spectrum(i):
+        frame = get_frame(frames, i)
+        if frame.shape != (h, w):
+            raise ValueError(f"frame {i} has shape {frame.shape}, frame 0 has {(h, w)}")
+        spec = scipy.fft.rfft2(frame, workers=1)
+        ry, rx = _ramps(shifts[i], h, w)
+        spec *= ry
+        spec *= rx
+        weight = weights(i)
+        if np.ndim(weight):
+            spec *= weight
+        return spec
+
+    def add(i, spec):
+        for k in np.flatnonzero(coef[:, i]):
+            acc[k] += spec if coef[k, i] == 1 else np.complex64(coef[k, i]) * spec
+
+    item_bytes = 2 * h * (w // 2 + 1) * 8  # a float32 frame and its complex64 spectrum
+    for i, spec in in_order(spectrum, [int(i) for i in used], item_bytes):
+        add(i, spec)
+    return acc
 
 
-def aligned_sums(frames, alignment: Alignment, subsets, dose_weighting=None) -> list[np.ndarray]:
+@partial(jax.jit, donate_argnums=(0,))
+def _device_add(acc, frame, ry, rx, coef, weight):
+    """acc (K, H, W//2+1) += coef[k] * rfft2(frame) * ry (H, 1) * rx (1, W//2+1) * weight."""
+    spec = jnp.fft.rfft2(frame) * ry * rx * weight
+    return acc + coef[:, None, None].astype(acc.dtype) * spec[None]
+
+
+def _device_accumulate(frames, used, shifts, coef, weights, shape):
+    """As :func:`_host_accumulate`, one jitted kernel per frame (accelerators): (K, H, W//2+1)."""
+    h, w = shape
+    acc = jnp.zeros((coef.shape[0], h, w // 2 + 1), jnp.complex64)
+    for i in used:
+        frame = get_frame(frames, int(i))
+        if frame.shape != (h, w):
+            raise ValueError(f"frame {i} has shape {frame.shape}, frame 0 has {(h, w)}")
+        ry, rx = _ramps(shifts[i], h, w)
+        acc = _device_add(acc, frame, ry, rx, coef[:, i].astype(np.float32), weights(int(i)))
+    return acc
+
+
+def _inverse(acc, shape, on_host: bool) -> list[np.ndarray]:
+    """irfft2 of each accumulator (K, H, W//2+1) -> K (H, W) float32 images."""
+    if on_host:
+        import scipy.fft
+
+        return [scipy.fft.irfft2(a, s=shape, workers=threads()) for a in acc]
+    return [np.asarray(jnp.fft.irfft2(a, s=shape), np.float32) for a in acc]
+
+
+def _combine(images, combine: np.ndarray, shape) -> list[np.ndarray]:
+    """Subset images ``sum_k combine[s, k] * images[k]`` in accumulator order: S (H, W) float32."""
+    out = []
+    for row in combine:
+        total = np.zeros(shape, np.float32)
+        for c, img in zip(row, images, strict=True):
+            if c:
+                total += img if c == 1 else np.float32(c) * img
+        out.append(total)
+    return out
+
+
+def aligned_sums(
+    frames, alignment: Alignment, subsets, dose_weighting=None, *, on_host=None
+) -> list[np.ndarray]:
     """Several aligned sums in one pass over the frames: one (H, W) float32 array per subset.
 
     subsets: a sequence of frame-index collections (``None`` = all frames); each frame is read
     and Fourier transformed once. dose_weighting: None, a :class:`DoseWeighting`, or an array
     (N, H, W//2+1) of weights (e.g. from :func:`dose_weights`). With a local model the local
-    part is applied by bilinear interpolation after the global Fourier shift.
+    part is applied by bilinear interpolation after the global Fourier shift. ``on_host``: run
+    the transforms in NumPy/SciPy (default: when JAX runs on the CPU) or in JAX.
     """
     n = frame_count(frames)
     shifts = np.asarray(alignment.shifts, np.float64)
@@ -456,37 +606,62 @@ def aligned_sums(frames, alignment: Alignment, subsets, dose_weighting=None) -> 
         from cryoden import align_local
 
         return align_local.sums(frames, alignment, members, used, dose_weighting)
-    h, w = get_frame(frames, int(used[0]) if used.size else 0).shape
-    acc = jnp.zeros((len(subsets), h, w // 2 + 1), jnp.complex64)
-    weights = _weights_fn(dose_weighting, n, h, w)
-    for i in used:
-        frame = jnp.asarray(get_frame(frames, int(i)))
-        if frame.shape != (h, w):
-            raise ValueError(f"frame {i} has shape {frame.shape}, frame 0 has {(h, w)}")
-        acc = _accumulate(
-            acc, frame, jnp.asarray(shifts[i], jnp.float32), jnp.asarray(members[:, i]),
-            weights(int(i)), w=w,
-        )  # fmt: skip
-    out = jnp.fft.irfft2(acc, s=(h, w))
-    return [np.asarray(o, np.float32) for o in out]
+    shape = get_frame(frames, int(used[0]) if used.size else 0).shape
+    if on_host is None:
+        on_host = jax.default_backend() == "cpu"
+    weights = _weights_fn(dose_weighting, n, *shape, device=not on_host)
+    coef, combine = sum_plan(members)
+    accumulate = _host_accumulate if on_host else _device_accumulate
+    acc = accumulate(frames, used, shifts, coef, weights, shape)
+    images = _inverse(acc, shape, on_host)
+    del acc
+    return _combine(images, combine, shape)
 
 
-def _weights_fn(dose_weighting, n, h, w):
-    """Frame index -> (H, W//2+1) float32 weights (or the scalar 1.0 without dose weighting)."""
+def _dose_norm(ne2, doses):
+    """``sqrt(N / sum_i exp(-2 D_i / Ne2))``: (H, W//2+1) float32 (one frame at a time)."""
+    total = np.zeros(ne2.shape)
+    for d in doses:
+        total += np.exp(-2 * float(d) / ne2)
+    return np.sqrt(len(doses) / total).astype(np.float32)
+
+
+@jax.jit
+def _dose_row(inv, dose, norm):
+    """``exp(-dose * inv) * norm``: one frame's dose weights computed on the device."""
+    return jnp.exp(-dose * inv) * norm
+
+
+def _weights_fn(dose_weighting, n, h, w, device=None):
+    """Frame index -> (H, W//2+1) float32 weights (NumPy; with ``device`` and a
+    :class:`DoseWeighting`, computed by JAX on the device; ``device=None``: when JAX does not run
+    on the CPU), or the scalar 1.0 without dose weighting."""
     if dose_weighting is None:
-        one = jnp.float32(1.0)
+        one = np.float32(1.0)
         return lambda i: one
     if isinstance(dose_weighting, DoseWeighting):
         dw = dose_weighting
         doses = _doses(n, dw.dose_per_frame, dw.pre_exposure, dw.voltage)
         ne2 = _critical_exposure(h, w, dw.pixel_size)
         norm = _dose_norm(ne2, doses)
-        ne2 = jnp.asarray(ne2, jnp.float32)
-        return lambda i: _dose_row(ne2, jnp.float32(doses[i]), norm)
+        inv = (1 / ne2).astype(np.float32)  # 0 at k = 0 (Ne2 = inf): weight = norm
+        if device is None:
+            device = jax.default_backend() != "cpu"
+        if device:
+            inv_d, norm_d = jnp.asarray(inv), jnp.asarray(norm)
+            return lambda i: _dose_row(inv_d, np.float32(doses[i]), norm_d)
+
+        def row(i):
+            out = np.multiply(inv, np.float32(-doses[i]))
+            np.exp(out, out=out)
+            out *= norm
+            return out
+
+        return row
     arr = np.asarray(dose_weighting)
     if arr.shape != (n, h, w // 2 + 1):
         raise ValueError(f"dose weights have shape {arr.shape}, expected {(n, h, w // 2 + 1)}")
-    return lambda i: jnp.asarray(arr[i], jnp.float32)
+    return lambda i: np.asarray(arr[i], np.float32)
 
 
 def aligned_sum(frames, alignment: Alignment, indices=None, dose_weighting=None) -> np.ndarray:

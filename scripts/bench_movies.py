@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -58,16 +59,17 @@ def rms(err) -> float:
     return float(np.sqrt((np.asarray(err) ** 2).sum(axis=1).mean()))
 
 
-def run_ours(frames):
+def run_ours(frames, marks):
     from cryoden import align
 
     a = align.estimate_shifts(frames)
+    marks.append(time.perf_counter())
     n = len(frames)
     sums = align.aligned_sums(frames, a, [None, range(0, n, 2), range(1, n, 2)])
     return a.shifts, sums
 
 
-def run_baseline(frames, upsample=20):
+def run_baseline(frames, marks=None, upsample=20):
     from scipy import ndimage
     from skimage.registration import phase_cross_correlation
 
@@ -83,6 +85,8 @@ def run_baseline(frames, upsample=20):
             normalization=None,
         )[0]
         shifts[i] = dy_dx[1], dy_dx[0]  # skimage: (row, col) to register the moving image
+    if marks is not None:
+        marks.append(time.perf_counter())
     sums = [np.zeros(ref.shape) for _ in range(3)]
     for i in range(n):
         f = ndimage.fourier_shift(np.fft.fft2(frames.frame(i)), (shifts[i, 1], shifts[i, 0]))
@@ -101,11 +105,13 @@ def child(args) -> None:
         gain = np.asarray(m.data, np.float32)
     truth = np.load(folder / "shifts.npy")
     frames = MappedFrames(folder / "movie.mrc", gain)
+    marks = []
     t0, c0 = time.perf_counter(), time.process_time()
-    shifts, sums = (run_ours if args.child == "ours" else run_baseline)(frames)
+    shifts, sums = (run_ours if args.child == "ours" else run_baseline)(frames, marks)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert np.allclose(sums[1] + sums[2], sums[0], atol=1e-3 * np.abs(sums[0]).max())
-    out = {"seconds": seconds, "cpu": cpu, "rss": peak_rss_gib(), "err": rms(shifts - truth)}
+    out = {"seconds": seconds, "cpu": cpu, "rss": peak_rss_gib(), "err": rms(shifts - truth),
+           "align_s": marks[0] - t0, "sums_s": t0 + seconds - marks[0]}  # fmt: skip
     print(json.dumps(out))
 
 
@@ -158,6 +164,7 @@ def main() -> int:
     import jax
 
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
+    load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench_movies_") as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
@@ -181,6 +188,8 @@ def main() -> int:
     print(f"{'':28}{'cryoden':>10}{'baseline':>10}{'ratio':>8}")
     speed = b["seconds"] / o["seconds"]
     print(f"{'seconds':28}{o['seconds']:10.1f}{b['seconds']:10.1f}{speed:8.1f}")
+    for key, label in (("align_s", "  alignment (s)"), ("sums_s", "  three sums (s)")):
+        print(f"{label:28}{o[key]:10.1f}{b[key]:10.1f}{b[key] / o[key]:8.1f}")
     print(f"{'CPU seconds':28}{o['cpu']:10.1f}{b['cpu']:10.1f}{b['cpu'] / o['cpu']:8.1f}")
     print(f"{'peak RSS (GiB)':28}{o['rss']:10.2f}{b['rss']:10.2f}{b['rss'] / o['rss']:8.2f}")
     print(f"{'shift error, this movie (px)':28}{o['err']:10.3f}{b['err']:10.3f}"
@@ -190,6 +199,7 @@ def main() -> int:
         label = f"shift error, {args.extra}x{args.extra_size}^2"
         print(f"{label:28}{eo:10.3f}{eb:10.3f}{eb / eo:8.1f}")
     print(f"RSS budget (stored + 2 GiB): {stored / 2**30 + 2:.2f} GiB")
+    print(f"load average (1, 5, 15 min) before: {load0}, after: {os.getloadavg()}")
     return 0
 
 

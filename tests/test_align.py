@@ -243,3 +243,138 @@ def test_local_patches_reduce_error_of_spatially_varying_drift():
         np.corrcoef(full.ravel(), movie.clean.ravel())[0, 1]
         > np.corrcoef(np.sum(frames, axis=0).ravel(), movie.clean.ravel())[0, 1]
     )  # the locally aligned sum resembles the signal more than the raw sum
+
+
+def reference_sum(frames, shifts, indices, weights=None) -> np.ndarray:
+    """Float64 NumPy aligned sum by the definition: ``sum_i irfft2(F_i(k) w_i(k) exp(-2 pi i
+    (kx sx_i + ky sy_i)))`` over ``indices`` (a frame listed twice counts twice)."""
+    h, w = frames[0].shape
+    ky = np.fft.fftfreq(h)[:, None]
+    kx = np.fft.rfftfreq(w)[None, :]
+    total = np.zeros((h, w // 2 + 1), complex)
+    for i in indices:
+        ramp = np.exp(-2j * np.pi * (kx * shifts[i][0] + ky * shifts[i][1]))
+        total += (
+            np.fft.rfft2(np.asarray(frames[i], np.float64))
+            * ramp
+            * (1 if weights is None else weights[i])
+        )
+    return np.fft.irfft2(total, s=(h, w))
+
+
+@pytest.mark.parametrize(
+    "subsets",
+    [
+        [None, range(0, 9, 2), range(1, 9, 2)],  # a partition: two atoms for three sums
+        [None, range(0, 9, 3)],  # not a partition: atoms {0, 3, 6} and the rest
+        [[0, 1, 2], [0, 1], [0], [5, 5, 6]],  # nested prefixes, and a frame listed twice
+        [[0, 1], [1, 2], [2, 3], [0, 3]],  # more atoms than sums: accumulated per sum
+        [[], [4]],  # an empty subset sums to zero
+    ],
+)
+def test_sum_plan_reproduces_membership(subsets):
+    n = 9
+    members = np.zeros((len(subsets), n), np.float32)
+    for s, idx in enumerate(subsets):
+        for i in range(n) if idx is None else idx:
+            members[s, i] += 1
+    coef, combine = align.sum_plan(members)
+    np.testing.assert_array_equal(combine @ coef, members)
+    assert coef.shape[0] <= len(subsets)
+    assert np.all((coef > 0).sum(axis=0) <= 1) or np.array_equal(combine, np.eye(len(subsets)))
+
+
+@pytest.mark.parametrize("dose", [False, True])
+@pytest.mark.parametrize(
+    "subsets",
+    [
+        [None, range(0, 9, 2), range(1, 9, 2)],
+        [None, range(0, 9, 3)],
+        [[0, 1, 2], [0, 1], [0], [5, 5, 6]],
+        [[0, 1], [1, 2], [2, 3], [0, 3]],
+    ],
+)
+def test_aligned_sums_match_the_definition(subsets, dose):
+    """Every sum (accumulated as atoms or per subset, host or device path) equals a float64
+    NumPy sum of the Fourier-shifted frames, with and without dose weighting."""
+    n, shape = 9, (48, 40)
+    rng = np.random.default_rng(3)
+    frames = [rng.poisson(2.0, shape).astype(np.float32) for _ in range(n)]
+    shifts = np.concatenate([[[0.0, 0.0]], rng.uniform(-6, 6, (n - 1, 2))])
+    dw = align.DoseWeighting(pixel_size=1.1, dose_per_frame=1.3) if dose else None
+    weights = align.dose_weights(n, shape, 1.1, 1.3) if dose else None
+    for on_host in (True, False):
+        got = align.aligned_sums(frames, align.Alignment(shifts), subsets, dw, on_host=on_host)
+        for idx, image in zip(subsets, got, strict=True):
+            ref = reference_sum(frames, shifts, range(n) if idx is None else idx, weights)
+            assert image.shape == shape and image.dtype == np.float32
+            np.testing.assert_allclose(image, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_aligned_sums_partition_adds_up_exactly():
+    """full = even + odd bit for bit: the full sum is formed from the two half sums."""
+    rng = np.random.default_rng(4)
+    frames = [rng.poisson(2.0, (64, 64)).astype(np.float32) for _ in range(7)]
+    a = align.Alignment(np.concatenate([[[0, 0]], rng.uniform(-3, 3, (6, 2))]))
+    full, even, odd = align.aligned_sums(frames, a, [None, range(0, 7, 2), range(1, 7, 2)])
+    np.testing.assert_array_equal(even + odd, full)
+
+
+def test_aligned_sums_do_not_depend_on_threads(monkeypatch):
+    """Frames are transformed in worker threads but added in frame order: identical results for
+    any number of threads; a bad frame in a worker is reported as the error of that frame."""
+    rng = np.random.default_rng(5)
+    frames = [rng.poisson(2.0, (64, 48)).astype(np.float32) for _ in range(6)]
+    a = align.Alignment(np.concatenate([[[0, 0]], rng.uniform(-3, 3, (5, 2))]))
+    results = []
+    for k in (1, 2, 3):
+        monkeypatch.setattr(align, "threads", lambda *_, k=k: k)
+        results.append(
+            align.aligned_sums(frames, a, [None, [0, 2, 4]]) + [align.read_binned(frames, 2)]
+        )
+    for other in results[1:]:
+        for x, y in zip(results[0], other, strict=True):
+            np.testing.assert_array_equal(x, y)
+    monkeypatch.undo()
+    assert align.threads(2**40) == 1  # frames too large for several in memory: one thread
+    frames[4] = frames[4][:32]
+    with pytest.raises(ValueError, match="frame 4 has shape"):
+        align.aligned_sums(frames, a, [None])
+
+
+def test_alignment_compiles_few_kernels():
+    """Start-up cost: aligning a movie of a new size compiles one kernel per kind (spectra, one
+    for plain and windowed iterations), no per-operation kernels; the sums compile nothing on
+    the CPU (NumPy/SciPy path)."""
+    import jax
+
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name"))
+
+    movie = simulate_movie((520, 528), 7, seed=1, dose_per_frame=2.0, drift=10.0)
+    frames = [movie.corrected(i) for i in range(7)]
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        a = align.estimate_shifts(frames)
+        assert len(compiled) <= 3, compiled
+        compiled.clear()
+        align.aligned_sums(frames, a, [None, range(0, 7, 2)])
+        if jax.default_backend() == "cpu":
+            assert compiled == []
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert rms(a.shifts - movie.shifts) <= 0.5
+
+
+def test_bin_frame_is_the_block_mean():
+    """Block mean over b x b pixels, ragged edges cropped, against a float64 reference."""
+    frame = np.random.default_rng(6).normal(5, 2, (67, 45)).astype(np.float32)
+    for b in (1, 2, 3, 8):
+        h, w = 67 // b, 45 // b
+        ref = frame[: h * b, : w * b].astype(np.float64).reshape(h, b, w, b).mean(axis=(1, 3))
+        got = align.bin_frame(frame, b)
+        assert got.shape == (h, w) and got.dtype == np.float32
+        np.testing.assert_allclose(got, ref, rtol=1e-6)
