@@ -39,17 +39,18 @@ def titration_steps(n_even: int, steps: int = 6) -> list[int]:
 def movie_halves(
     path: str | os.PathLike,
     *,
-    gain: str | None = None,
+    reading: dict | None = None,
     pixel_size: float | None = None,
     titration: bool = False,
 ) -> MovieHalves:
     """Align the movie at ``path`` and sum its halves (and, with ``titration``, the partial sums
-    of the even half at :func:`titration_steps`). Raises ValueError (one line, naming the movie)
+    of the even half at :func:`titration_steps`). ``reading``: :func:`cryoden.movie.open_movie`
+    keywords (gain, defects, EER grouping, ...). Raises ValueError (one line, naming the movie)
     when it cannot be read or has fewer than 4 frames."""
     from cryoden import align, halfsums
     from cryoden.movie import open_movie
 
-    with open_movie(path, gain=gain) as m:
+    with open_movie(path, **(reading or {})) as m:
         n = len(m)
         if n < 4:
             raise ValueError(f"{path}: {n} frames: a dose titration and halves need at least 4")

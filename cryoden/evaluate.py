@@ -45,6 +45,8 @@ import sys
 import time
 from pathlib import Path
 
+from cryoden.movie import add_reading_args, reading_problem
+
 OUTPUTS = ("metrics.tsv", "metrics.json", "report.html", "titration.tsv")
 
 
@@ -89,7 +91,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="with --movies: denoise sums of the first k frames of the even half and score them "
         "against the whole odd half (titration.tsv, plotted)",
     )
-    g.add_argument("--gain", metavar="F", help="gain reference of the movies")
+    add_reading_args(g)
     g.add_argument("--pixel-size", type=float, metavar="A", help="Å/px (default: from headers)")
     g.add_argument(
         "--dose-per-frame", type=float, metavar="E", help="e/Å^2 per frame, to label doses"
@@ -117,6 +119,11 @@ def _check_options(args) -> str | None:
         (args.patch_size is None or args.patch_size >= 1, "--patch-size must be >= 1"),
         (args.pixel_size is None or args.pixel_size > 0, "--pixel-size must be positive"),
         (args.dose_per_frame is None or args.dose_per_frame > 0, "--dose-per-frame must be > 0"),
+        (reading_problem(args) is None, reading_problem(args)),
+        (
+            args.movies or not (args.gain or args.defects or args.eer_grouping),
+            "--gain, --defects and --eer-grouping apply to --movies only",
+        ),
     ]
     return next((msg for ok, msg in checks if not ok), None)
 
@@ -139,7 +146,9 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as e:
             return _fail(None, e)
     outdir = Path(args.output)
-    inputs = [p for job in jobs for p in job[1]] + [Path(a) for a in (args.boxes, args.gain) if a]
+    inputs = [p for job in jobs for p in job[1]] + [
+        Path(a) for a in (args.boxes, args.gain, args.defects) if a
+    ]
     for name in OUTPUTS:
         target = outdir / name
         if any(target.exists() and p.exists() and os.path.samefile(target, p) for p in inputs):
@@ -236,9 +245,13 @@ def _read(args, paths: list[Path]):
 
     if len(paths) == 1:  # a movie
         from cryoden.evalmovies import movie_halves
+        from cryoden.movie import reading_kwargs
 
         mh = movie_halves(
-            paths[0], gain=args.gain, pixel_size=args.pixel_size, titration=args.dose_titration
+            paths[0],
+            reading=reading_kwargs(args),
+            pixel_size=args.pixel_size,
+            titration=args.dose_titration,
         )
         return mh.even, mh.odd, mh
     halves = [np.asarray(open_half(p), np.float32) for p in paths]

@@ -453,6 +453,53 @@ def open_movie(
         raise
 
 
+def add_reading_args(group) -> None:
+    """The options of how movies are read (``--gain``, ``--gain-rot``, ``--gain-flip``,
+    ``--defects``, ``--eer-grouping``, ``--eer-upsampling``) on an argparse group; see
+    :func:`reading_kwargs` and :func:`reading_problem`."""
+    group.add_argument("--gain", metavar="F", help="gain reference (MRC, TIFF or EPU .gain)")
+    group.add_argument(
+        "--gain-rot",
+        type=int,
+        default=0,
+        choices=range(4),
+        help="rotate the gain 90 degrees clockwise this many times (RELION's --gain_rot)",
+    )
+    group.add_argument(
+        "--gain-flip",
+        type=int,
+        default=0,
+        choices=range(3),
+        help="flip the gain: 1 upside down, 2 left to right (RELION's --gain_flip)",
+    )
+    group.add_argument("--defects", metavar="F", help="defect map (image) or defect list file")
+    group.add_argument(
+        "--eer-grouping", type=int, metavar="N", help="EER raw frames per frame; default: 1"
+    )
+    group.add_argument(
+        "--eer-upsampling", type=int, default=1, choices=(1, 2), help="EER rendering grid"
+    )
+
+
+def reading_problem(args) -> str | None:
+    """The problem with the options of :func:`add_reading_args`, or None."""
+    if args.eer_grouping is not None and args.eer_grouping < 1:
+        return "--eer-grouping must be >= 1"
+    return None
+
+
+def reading_kwargs(args) -> dict:
+    """The :func:`open_movie` keywords of the options of :func:`add_reading_args`."""
+    return dict(
+        gain=args.gain,
+        gain_rot=args.gain_rot,
+        gain_flip=args.gain_flip,
+        defects=args.defects,
+        eer_grouping=args.eer_grouping,
+        eer_upsampling=args.eer_upsampling,
+    )
+
+
 def _build(
     path, src, gain, gain_rot, gain_flip, defects, eer_grouping, eer_upsampling, first, last
 ):

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from cryoden import shard, watch
+from cryoden.movie import add_reading_args, reading_problem
 
 SUBDIRS = ("shifts", "even", "odd", "sums")  # written in this order: sums/ marks a movie done
 RECORD = "cryoden-movies.json"
@@ -42,22 +43,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("movies", nargs="+", metavar="MOVIE", help="movie files or folders of them")
     p.add_argument("-o", "--out", required=True, metavar="OUTDIR", help="output folder")
     g = p.add_argument_group("reading")
-    g.add_argument("--gain", metavar="F", help="gain reference (MRC, TIFF or EPU .gain)")
-    g.add_argument(
-        "--gain-rot",
-        type=int,
-        default=0,
-        choices=range(4),
-        help="rotate the gain 90 degrees clockwise this many times (RELION's --gain_rot)",
-    )
-    g.add_argument(
-        "--gain-flip",
-        type=int,
-        default=0,
-        choices=range(3),
-        help="flip the gain: 1 upside down, 2 left to right (RELION's --gain_flip)",
-    )
-    g.add_argument("--defects", metavar="F", help="defect map (image) or defect list file")
+    add_reading_args(g)
     g.add_argument(
         "--pixel-size",
         type=float,
@@ -66,12 +52,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--first", type=int, default=1, metavar="N", help="first frame (1-based)")
     g.add_argument("--last", type=int, metavar="N", help="last frame (1-based); default: the last")
-    g.add_argument(
-        "--eer-grouping", type=int, metavar="N", help="EER raw frames per frame; default: 1"
-    )
-    g.add_argument(
-        "--eer-upsampling", type=int, default=1, choices=(1, 2), help="EER rendering grid"
-    )
     g = p.add_argument_group("alignment and sums")
     g.add_argument(
         "--patches", metavar="NxM", help="also estimate local motion on NxM patches, e.g. 5x5"
@@ -106,7 +86,7 @@ def _check_options(args: argparse.Namespace) -> str | None:
         (pos(args.dose_per_frame), "--dose-per-frame must be a positive number"),
         (args.first >= 1, "--first counts from 1"),
         (args.last is None or args.last >= args.first, "--last must be >= --first"),
-        (args.eer_grouping is None or args.eer_grouping >= 1, "--eer-grouping must be >= 1"),
+        (reading_problem(args) is None, reading_problem(args)),
         (
             not args.dose_weighting or args.dose_per_frame is not None,
             "--dose-weighting needs --dose-per-frame",
@@ -297,21 +277,11 @@ def _watch(args, outdir: Path, share, show, log: list[dict]) -> None:
 def _one(movie: Path, outdir: Path, args, show) -> dict:
     """Align one movie and write its outputs; -> its record entry. Raises ValueError."""
     from cryoden import align, halfsums, motionstar
-    from cryoden.movie import open_movie
+    from cryoden.movie import open_movie, reading_kwargs
 
     t0 = time.time()
     first = args.first - 1
-    with open_movie(
-        movie,
-        gain=args.gain,
-        gain_rot=args.gain_rot,
-        gain_flip=args.gain_flip,
-        defects=args.defects,
-        eer_grouping=args.eer_grouping,
-        eer_upsampling=args.eer_upsampling,
-        first=first,
-        last=args.last,
-    ) as m:
+    with open_movie(movie, **reading_kwargs(args), first=first, last=args.last) as m:
         n, shape = len(m), m.info.shape
         if n < 2:
             raise ValueError(f"{n} frame: even and odd halves need at least 2 frames")

@@ -213,3 +213,46 @@ def test_dose_titration_needs_movies(tmp_path, capsys):
     argv = ["evaluate", "--even", str(even), "--odd", str(odd), "--dose-titration"]
     assert main([*argv, "-o", str(tmp_path / "eval")]) == 2
     assert "--dose-titration needs --movies" in capsys.readouterr().err
+
+
+def test_movies_reading_options_are_those_of_cryoden_movies(tmp_path, capsys):
+    """--defects, --gain-rot/--gain-flip act as in `cryoden movies`: a hot column shared by both
+    halves inflates the raw split SNR until --defects fills it."""
+    import mrcfile
+
+    from cryoden.evalmovies import movie_halves
+    from cryoden.simulate_movie import simulate_movie
+
+    sim = simulate_movie((64, 64), 8, seed=1, drift=3.0, margin=16, snr_db=-3.0)
+    frames = sim.frames.astype(np.float32)
+    frames[:, :, 20] += 40.0  # a hot column in every frame
+    movie = tmp_path / "m.mrcs"
+    with mrcfile.new(movie) as m:
+        m.set_data(frames.astype(np.uint16))
+        m.voxel_size = 1.5
+    boxes = tmp_path / "defects.txt"
+    boxes.write_text("20 0 1 64\n")  # x y w h
+    gain = new_mrc(
+        tmp_path / "gain.mrc", np.linspace(0.9, 1.1, 64 * 64, dtype="f4").reshape(64, 64)
+    )
+
+    def raw_snr(*extra):
+        out = tmp_path / f"eval{len(list(tmp_path.glob('eval*')))}"
+        argv = ["evaluate", "--movies", str(movie), "-m", "affine", "--no-baselines", "-q"]
+        argv += ["-o", str(out)]
+        assert main([*argv, *extra]) == 0
+        _, rows = read_tsv(out / "metrics.tsv")
+        return float(next(r for r in rows if r["method"] == "raw")["split_snr_db"])
+
+    hot, filled = raw_snr(), raw_snr("--defects", str(boxes))
+    assert hot > filled + 1.0
+    reading = dict(gain=str(gain), gain_rot=1, gain_flip=2, defects=str(boxes))
+    mh = movie_halves(movie, reading=reading)
+    want = metrics.split_snr(mh.even, mh.odd, mh.even, mh.odd)["snr_db"]
+    got = raw_snr(
+        "--defects", str(boxes), "--gain", str(gain), "--gain-rot", "1", "--gain-flip", "2"
+    )
+    assert got == pytest.approx(want, abs=1e-3) and got != pytest.approx(filled, abs=1e-4)
+    assert main(["evaluate", "--even", str(movie), "--odd", str(movie), "--defects", str(boxes),
+                 "-o", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "apply to --movies only" in capsys.readouterr().err
