@@ -33,11 +33,19 @@ def main() -> None:
     ap.add_argument("--budget", default="8G", help="memory budget (as CRYODEN_MEMORY_BUDGET)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--shape", type=int, nargs="+", default=None)
+    ap.add_argument(
+        "--unstreamed",
+        action="store_true",
+        help="3D: run every block whole, not over depth slabs (the plans before depthstream)",
+    )
     args = ap.parse_args()
     os.environ["CRYODEN_MEMORY_BUDGET"] = args.budget
 
     from cryoden import levelwise, tiling
     from cryoden.inference import Denoiser, memory_budget
+
+    if args.unstreamed:
+        levelwise.STREAMED = ()
 
     cases = [(args.model or "unet", tuple(args.shape))] if args.shape else CASES
     for model, shape in cases:
@@ -48,7 +56,7 @@ def main() -> None:
         padded, tiles, _ = d.plan(shape, None, None)
         plan = lw.plan(padded, budget)
         print(f"{model} {'x'.join(map(str, shape))}, budget {args.budget}:")
-        whole = lw.whole_flops_per_px() * math.prod(padded)
+        whole = lw.whole_flops_per_px(padded) * math.prod(padded)
         excess = []
         for sp in plan.stages:
             executed = sp.calls * sp.batch * math.prod(sp.tile)
