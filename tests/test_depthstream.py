@@ -33,7 +33,9 @@ def _params(features, kernels, c_in, seed):
         (2, (4, 3), (1, 3), True),
     ],
 )
-def test_streamed_up_block_equals_whole_block(monkeypatch, slab, features, kernels, last_activation):
+def test_streamed_up_block_equals_whole_block(
+    monkeypatch, slab, features, kernels, last_activation
+):
     """A decoder block (polyphase up-convolution of a coarse map ++ skip, then line-buffered
     convs): with 2-slice slabs the delays (up to 4 slices) exceed the slab, with 8 there are
     two slabs of 6 (D = 12)."""
