@@ -46,8 +46,10 @@ from cryoden.models import NF, ConvBlock, ModelSpec, build_model, max_pool2
 # (favours fewer, larger tiles among plans of nearly equal volume).
 CALL_OVERHEAD = 1024
 # Tile side (output-grid units) at which each stage's bytes and FLOPs per unit are measured.
-# 3D blocks streamed over depth slabs in the stage kernels: the full-resolution ones.
+# 3D blocks streamed over depth slabs in the stage kernels (each stage's finer levels), on
+# these platforms (measured on CPU; GPU kernels unchanged, not measured there).
 STREAMED = ("enc1", "enc2", "enc3", "dec3", "dec2", "dec1")
+STREAM_PLATFORMS = ("cpu",)
 _STREAM = [True]  # False while tracing for FLOP counts (_unscanned)
 MEASURE_SIDE = {2: {"s1": 128, "s2": 256, "s3": 512}, 3: {"s1": 32, "s2": 32, "s3": 128}}
 
@@ -106,14 +108,14 @@ def stages(spec: ModelSpec) -> tuple[Stage, Stage, Stage]:
 
 class _FlaxOps:
     """Stage operations on arrays: the model's own blocks with their parameter sub-trees; in 3D
-    the full-resolution blocks (``STREAMED``) run over depth slabs (:mod:`depthstream`)."""
+    on ``stream`` platforms the blocks in ``STREAMED`` run over depth slabs (:mod:`depthstream`)."""
 
-    def __init__(self, params, ndim: int, dtype):
-        self.params, self.ndim, self.dtype = params, ndim, dtype
+    def __init__(self, params, ndim: int, dtype, stream: bool):
+        self.params, self.ndim, self.dtype, self.stream = params, ndim, dtype, stream
 
     def block(self, name, features, kernels, h, skip=None, last_activation=True, pool=False):
         p = self.params[name]
-        streamed = name in STREAMED and _STREAM[-1]
+        streamed = self.stream and name in STREAMED and _STREAM[-1]
         if streamed and depthstream.streamable(h, skip, pool, len(kernels)):
             return depthstream.block(p, kernels, h, skip, last_activation, self.dtype, pool)
         blk = ConvBlock(features, kernels, self.ndim, last_activation, self.dtype)
@@ -226,7 +228,7 @@ class Levelwise:
     # -- kernels
 
     def _fn(self, stage: Stage):
-        ops_args = (self.spec.ndim, self.dtype)
+        ops_args = (self.spec.ndim, self.dtype, self.platform in STREAM_PLATFORMS)
 
         def f(params, *inputs):
             return stage.fn(self.spec, _FlaxOps(params, *ops_args), *inputs)

@@ -86,7 +86,7 @@ def main() -> None:
         print(
             f"  level-wise work {lw.work(plan):.3f}x one whole pass; today's tiles: "
             f"{len(tiles)} x {tiling.tile_shape(tiles)} = {tiling.waste(padded, tiles):.2f}x "
-            f"(3D margins {'approximate' if len(shape) == 3 else 'exact'})",
+            f"(margins {'approximate' if len(shape) == 3 else 'exact'})",
             flush=True,
         )
 
