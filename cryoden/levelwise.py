@@ -26,6 +26,7 @@ checked again at the chosen shape), to minimise the stage's executed volume.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -36,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cryoden import tiling
+from cryoden import depthstream, tiling
+from cryoden.conv import depth_taps
 from cryoden.memory import compiled_bytes
 from cryoden.models import NF, ConvBlock, ModelSpec, build_model, max_pool2
 
@@ -44,21 +46,26 @@ from cryoden.models import NF, ConvBlock, ModelSpec, build_model, max_pool2
 # (favours fewer, larger tiles among plans of nearly equal volume).
 CALL_OVERHEAD = 1024
 # Tile side (output-grid units) at which each stage's bytes and FLOPs per unit are measured.
-MEASURE_SIDE = {2: {"s1": 128, "s2": 256, "s3": 512}, 3: {"s1": 16, "s2": 32, "s3": 64}}
+# 3D blocks streamed over depth slabs in the stage kernels (each stage's finer levels), on
+# these platforms (measured on CPU; GPU kernels unchanged, not measured there).
+STREAMED = ("enc1", "enc2", "enc3", "dec3", "dec2", "dec1")
+STREAM_PLATFORMS = ("cpu",)
+_STREAM = [True]  # False while tracing for FLOP counts (_unscanned)
+MEASURE_SIDE = {2: {"s1": 128, "s2": 256, "s3": 512}, 3: {"s1": 32, "s2": 32, "s3": 128}}
 
 
 # ------------------------------------------------------------------ stage structure
 
 
 def _stage1(spec: ModelSpec, ops, x):
-    h = ops.pool(ops.block("enc1", (NF,), (spec.base_width,), x))
-    return ops.pool(ops.block("enc2", (NF,), (3,), h))
+    h = ops.block("enc1", (NF,), (spec.base_width,), x, pool=True)
+    return ops.block("enc2", (NF,), (3,), h, pool=True)
 
 
 def _stage2(spec: ModelSpec, ops, p2):
     skips, h = [p2], p2
     for i in range(3, spec.levels + 1):
-        h = ops.pool(ops.block(f"enc{i}", (NF,), (3,), h))
+        h = ops.block(f"enc{i}", (NF,), (3,), h, pool=True)
         skips.append(h)
     h = ops.block(f"enc{spec.levels + 1}", (NF,), (3,), h)
     skips.pop()  # the deepest pooled map feeds enc{L+1} only
@@ -68,7 +75,7 @@ def _stage2(spec: ModelSpec, ops, p2):
 
 
 def _stage3(spec: ModelSpec, ops, x, h2):
-    p1 = ops.pool(ops.block("enc1", (NF,), (spec.base_width,), x))
+    p1 = ops.block("enc1", (NF,), (spec.base_width,), x, pool=True)
     h = ops.block("dec2", (2 * NF, 2 * NF), (3, 3), h2, p1)
     t = spec.top_width
     return ops.block("dec1", (64, 32, 1), (t, t, t), h, x, last_activation=False)
@@ -100,24 +107,27 @@ def stages(spec: ModelSpec) -> tuple[Stage, Stage, Stage]:
 
 
 class _FlaxOps:
-    """Stage operations on arrays: the model's own blocks with their parameter sub-trees."""
+    """Stage operations on arrays: the model's own blocks with their parameter sub-trees; in 3D
+    on ``stream`` platforms the blocks in ``STREAMED`` run over depth slabs (:mod:`depthstream`)."""
 
-    def __init__(self, params, ndim: int, dtype):
-        self.params, self.ndim, self.dtype = params, ndim, dtype
+    def __init__(self, params, ndim: int, dtype, stream: bool):
+        self.params, self.ndim, self.dtype, self.stream = params, ndim, dtype, stream
 
-    def block(self, name, features, kernels, h, skip=None, last_activation=True):
+    def block(self, name, features, kernels, h, skip=None, last_activation=True, pool=False):
+        p = self.params[name]
+        streamed = self.stream and name in STREAMED and _STREAM[-1]
+        if streamed and depthstream.streamable(h, skip, pool, len(kernels)):
+            return depthstream.block(p, kernels, h, skip, last_activation, self.dtype, pool)
         blk = ConvBlock(features, kernels, self.ndim, last_activation, self.dtype)
-        return blk.apply({"params": self.params[name]}, h, skip)
-
-    def pool(self, h):
-        return max_pool2(h)
+        h = blk.apply({"params": p}, h, skip)
+        return max_pool2(h) if pool else h
 
 
 class _IntervalOps:
     """Stage operations on dependency intervals along one axis: a map is a dict
     ``source -> (lo, hi)``, the first and last index of that source each position reads."""
 
-    def block(self, name, features, kernels, h, skip=None, last_activation=True):
+    def block(self, name, features, kernels, h, skip=None, last_activation=True, pool=False):
         if skip is not None:
             up = {s: (np.repeat(lo, 2), np.repeat(hi, 2)) for s, (lo, hi) in h.items()}
             h = dict(skip)
@@ -125,7 +135,7 @@ class _IntervalOps:
                 h[s] = (np.minimum(lo, h[s][0]), np.maximum(hi, h[s][1])) if s in h else (lo, hi)
         for k in kernels:
             h = {s: _box(lo, hi, k) for s, (lo, hi) in h.items()}
-        return h
+        return self.pool(h) if pool else h
 
     def pool(self, h):
         return {
@@ -218,7 +228,7 @@ class Levelwise:
     # -- kernels
 
     def _fn(self, stage: Stage):
-        ops_args = (self.spec.ndim, self.dtype)
+        ops_args = (self.spec.ndim, self.dtype, self.platform in STREAM_PLATFORMS)
 
         def f(params, *inputs):
             return stage.fn(self.spec, _FlaxOps(params, *ops_args), *inputs)
@@ -229,14 +239,24 @@ class Levelwise:
         """The stage kernel for output tiles ``tile``, batch ``n_dev`` (compiled once)."""
         key = (stage.name, tuple(tile))
         if key not in self._compiled:
-            args = [
-                jax.ShapeDtypeStruct(
-                    (self.n_dev, *_scale_shape(tile, e), c), jnp.float32, sharding=self.sharding
-                )
-                for _, c, e in stage.inputs
-            ]
+            args = self._args(stage, tile)
             self._compiled[key] = jax.jit(self._fn(stage)).lower(self.params, *args).compile()
         return self._compiled[key]
+
+    def _args(self, stage: Stage, tile: tuple[int, ...]) -> list:
+        return [
+            jax.ShapeDtypeStruct(
+                (self.n_dev, *_scale_shape(tile, e), c), jnp.float32, sharding=self.sharding
+            )
+            for _, c, e in stage.inputs
+        ]
+
+    def _flops(self, stage: Stage, tile: tuple[int, ...]) -> float:
+        """FLOPs of one kernel call (per device) on ``tile``: XLA's cost analysis of the stage
+        traced without loops (it counts a loop body once, not once per iteration)."""
+        with _unscanned():
+            lowered = jax.jit(self._fn(stage)).lower(self.params, *self._args(stage, tile))
+        return _flops(lowered)
 
     def _per_unit(self, stage: Stage, grid: tuple[int, ...]) -> tuple[float, float]:
         """(bytes per device, FLOPs) per unit of tile volume, measured on a small tile."""
@@ -246,19 +266,23 @@ class Levelwise:
             tile = tuple(min(n, tiling.round_up(side, stage.align)) for n in grid)
             c = self.compiled(stage, tile)
             # memory and cost analyses are per device, i.e. per tile
-            _MEASURED[key] = (compiled_bytes(c) / math.prod(tile), _flops(c) / math.prod(tile))
+            vol = math.prod(tile)
+            _MEASURED[key] = (compiled_bytes(c) / vol, self._flops(stage, tile) / vol)
         return _MEASURED[key]
 
-    def whole_flops_per_px(self) -> float:
-        """FLOPs per pixel of one whole-image pass (XLA cost analysis at a small size)."""
-        key = (self.spec, "whole", self.platform, str(self.dtype), 1)
+    def whole_flops_per_px(self, shape: tuple[int, ...] | None = None) -> float:
+        """FLOPs per pixel of one whole-image pass over ``shape`` (default: a small size),
+        from XLA's cost analysis of the traced model (lowered only: cheap at any size)."""
+        side = 512 if self.spec.ndim == 2 else 64
+        shape = tuple(shape) if shape else (side,) * self.spec.ndim
+        key = (self.spec, "whole", shape, str(self.dtype))
         if key not in _MEASURED:
             module = build_model(self.spec, dtype=self.dtype)
-            side = 512 if self.spec.ndim == 2 else 64
-            x = jax.ShapeDtypeStruct((1,) + (side,) * self.spec.ndim + (1,), jnp.float32)
+            x = jax.ShapeDtypeStruct((1, *shape, 1), jnp.float32)
             params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
-            c = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(params, x).compile()
-            _MEASURED[key] = (0.0, _flops(c) / side**self.spec.ndim)
+            with _unscanned():
+                lowered = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(params, x)
+            _MEASURED[key] = (0.0, _flops(lowered) / math.prod(shape))
         return _MEASURED[key][1]
 
     # -- planning
@@ -287,13 +311,15 @@ class Levelwise:
                     for t, n in zip(tiles[st.name], grid, strict=True)
                 )
                 c = self.compiled(st, tile)
-                bpu, fpu = compiled_bytes(c) / math.prod(tile), _flops(c) / math.prod(tile)
+                bpu = compiled_bytes(c) / math.prod(tile)
+                fpu = self._flops(st, tile) / math.prod(tile)
             else:
                 bpu, fpu = self._per_unit(st, grid)
                 tile = _best_tile(grid, halo, st.align, budget / bpu, self.n_dev)
                 if verify:
                     tile = self._fit(st, grid, tile, budget)
                     bpu = compiled_bytes(self.compiled(st, tile)) / math.prod(tile)
+                fpu = self._flops(st, tile) / math.prod(tile)  # at the tile itself
             tl = tuple(tiling.plan(grid, tile, halo, st.align))
             flops = -(-len(tl) // self.n_dev) * self.n_dev * math.prod(tile) * fpu
             plans.append(
@@ -325,7 +351,7 @@ class Levelwise:
         """FLOPs the plan executes (halos, recomputed enc1 and padding tiles included) / FLOPs
         of one whole-image pass (XLA's cost analysis; compiles the whole model at a small size)."""
         return sum(p.flops for p in plan.stages) / (
-            self.whole_flops_per_px() * math.prod(plan.padded)
+            self.whole_flops_per_px(plan.padded) * math.prod(plan.padded)
         )
 
     # -- execution
@@ -389,6 +415,17 @@ def _scale_shape(shape, e: int) -> tuple[int, ...]:
 def _scale_window(window, e: int) -> tuple[slice, ...]:
     f = functools.partial(lambda v: v << e if e >= 0 else v >> -e)
     return tuple(slice(f(s.start), f(s.stop)) for s in window)
+
+
+@contextlib.contextmanager
+def _unscanned():
+    """Trace without depth streaming and with unrolled depth taps: the same FLOPs, no loops."""
+    _STREAM.append(False)
+    try:
+        with depth_taps(False):
+            yield
+    finally:
+        _STREAM.pop()
 
 
 def _flops(compiled) -> float:

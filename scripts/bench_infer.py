@@ -269,15 +269,20 @@ def estimate(case, results: dict) -> dict:
     if not base:
         raise SystemExit(f"{tag}: run {ESTIMATED[tag]} first (its rate gives the estimate)")
     shape = real_shape(inp)
-    plan = Denoiser(model, ndim=len(shape)).plan(shape, patch, padding)
+    d = Denoiser(model, ndim=len(shape))
+    net = d.nets[0]
+    route = d.route(net, shape, patch, padding)  # the path the run would take
+    plan, work = route.plan, route.work
+    if route.kind == "levelwise":  # its own work factor, as the worker reports a run's
+        work = net.levelwise.work(route.levelwise)
     rate = math.prod(base["shape"]) * base["work"] / float(np.median(base["times"]))
-    seconds = math.prod(shape) * plan.work / rate
+    seconds = math.prod(shape) * work / rate
     return {
         "times": [seconds],
         "estimated": f"from {ESTIMATED[tag]}'s rate",
         "maxrss": float("nan"),
         "tiles": len(plan.tiles),
-        "work": plan.work,
+        "work": work,
         "shape": list(shape),
     }
 

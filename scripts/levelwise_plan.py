@@ -12,6 +12,12 @@ Usage::
 
     python scripts/levelwise_plan.py                      # the cases of docs/levelwise.md
     python scripts/levelwise_plan.py --budget 8G --shape 300 928 960 --model unet-3d
+    python scripts/levelwise_plan.py --model unet-3d --shape 64 160 160 --time 96M
+
+``--time BUDGET`` runs the case (synthetic volume or image, one process, warm kernels: the
+compiles are excluded): whole (budget ``--budget``) and level-wise under ``BUDGET`` (which
+should force several stage tiles), alternating, ``--repeats`` times each; prints the plan,
+the median seconds of each, their ratio and the largest difference of the outputs / input std.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
+import time
 
 CASES = [
     ("unet", (4096, 4096)),
@@ -33,13 +41,25 @@ def main() -> None:
     ap.add_argument("--budget", default="8G", help="memory budget (as CRYODEN_MEMORY_BUDGET)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--shape", type=int, nargs="+", default=None)
+    ap.add_argument(
+        "--unstreamed",
+        action="store_true",
+        help="3D: run every block whole, not over depth slabs (the plans before depthstream)",
+    )
+    ap.add_argument("--time", metavar="BUDGET", help="time whole vs level-wise under BUDGET")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     os.environ["CRYODEN_MEMORY_BUDGET"] = args.budget
 
     from cryoden import levelwise, tiling
     from cryoden.inference import Denoiser, memory_budget
 
+    if args.unstreamed:
+        levelwise.STREAMED = ()
+
     cases = [(args.model or "unet", tuple(args.shape))] if args.shape else CASES
+    if args.time:
+        return time_case(*cases[0], args.budget, args.time, args.repeats)
     for model, shape in cases:
         d = Denoiser(model, ndim=len(shape))
         net = d.nets[0]
@@ -48,7 +68,7 @@ def main() -> None:
         padded, tiles, _ = d.plan(shape, None, None)
         plan = lw.plan(padded, budget)
         print(f"{model} {'x'.join(map(str, shape))}, budget {args.budget}:")
-        whole = lw.whole_flops_per_px() * math.prod(padded)
+        whole = lw.whole_flops_per_px(padded) * math.prod(padded)
         excess = []
         for sp in plan.stages:
             executed = sp.calls * sp.batch * math.prod(sp.tile)
@@ -66,9 +86,46 @@ def main() -> None:
         print(
             f"  level-wise work {lw.work(plan):.3f}x one whole pass; today's tiles: "
             f"{len(tiles)} x {tiling.tile_shape(tiles)} = {tiling.waste(padded, tiles):.2f}x "
-            f"(3D margins {'approximate' if len(shape) == 3 else 'exact'})",
+            f"(margins {'approximate' if len(shape) == 3 else 'exact'})",
             flush=True,
         )
+
+
+def time_case(model: str, shape: tuple[int, ...], whole_budget: str, budget: str, repeats: int):
+    """Whole vs level-wise wall time of one image (module doc, ``--time``)."""
+    import numpy as np
+
+    from cryoden.inference import Denoiser
+
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    d = Denoiser(model, ndim=len(shape))
+    budgets = {"whole": whole_budget, "levelwise": budget}
+
+    def run(kind):
+        os.environ["CRYODEN_MEMORY_BUDGET"] = budgets[kind]
+        t = time.perf_counter()
+        y = d(x, levelwise=kind == "levelwise")
+        return time.perf_counter() - t, y
+
+    outs = {k: run(k)[1] for k in budgets}  # warm-up: plans and compiles
+    net = d.nets[0]
+    times = {k: [] for k in budgets}
+    for _ in range(repeats):
+        for k in budgets:
+            dt, outs[k] = run(k)
+            times[k].append(dt)
+    diff = float(np.abs(outs["whole"] - outs["levelwise"]).max() / x.std())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{model} {'x'.join(map(str, shape))}: level-wise under {budget}:")
+    for key, plan in net.lw_plans.items():
+        if key[-1]:  # the verified plan that ran
+            for sp in plan.stages:
+                print(f"  {sp.stage.name}: {len(sp.tiles)} tiles of {sp.tile} (grid {sp.grid})")
+            print(f"  work {net.levelwise.work(plan):.3f}x one whole pass")
+    for k, v in times.items():
+        print(f"  {k}: median {med[k]:.1f} s ({', '.join(f'{t:.1f}' for t in v)})")
+    ratio = med["levelwise"] / med["whole"]
+    print(f"  ratio {ratio:.2f}; max |whole - level-wise| / input std = {diff:.1e}", flush=True)
 
 
 if __name__ == "__main__":
