@@ -164,10 +164,8 @@ def test_bfloat16_plan_stays_within_budget(monkeypatch):
     assert memory.kernel_bytes(d.nets[0].spec, "bfloat16", (1, *tile), "cpu") <= 120 * 2**20
 
 
-def test_whole_volume_runs_unrolled_taps_when_they_fit(tmp_path, monkeypatch):
-    """A 3D volume that runs whole uses the faster unrolled depth-tap kernel when its compiled
-    memory fits the budget (same output as the scanned sum), the scanned one when only that
-    fits: the scan's 10-17% slowdown is paid only where memory needs it."""
+def _small_unet3d(tmp_path):
+    """A random-weights 3D ``unet-small`` (Topaz's feature widths, stride 8) saved as a file."""
     import jax
     import numpy as np
 
@@ -180,20 +178,49 @@ def test_whole_volume_runs_unrolled_taps_when_they_fit(tmp_path, monkeypatch):
         init_params(spec, jax.random.key(0)),
     )
     weights.save(tmp_path / "u3.npz", params, spec)
-    # the tile plan is not under test: a fit that makes the whole volume (16^3) one tile, so
-    # that its 3D two-point measurement is not compiled here
-    monkeypatch.setattr(memory, "bytes_model", lambda *a, **k: (0, 1.0))
-    monkeypatch.setattr(memory, "call_overhead", lambda *a, **k: 0.0)
-    x = rng.normal(size=(13, 15, 11)).astype(np.float32)
-    d = Denoiser(str(tmp_path / "u3.npz"), ndim=3)
+    return spec, str(tmp_path / "u3.npz")
+
+
+def test_whole_volume_runs_depth_streamed_kernel(tmp_path, monkeypatch):
+    """A 3D volume runs whole through the depth-streamed kernel (levelwise.forward), also one
+    whose whole-model kernel exceeds the budget (old: level-wise stages), when the streamed
+    kernel fits by its XLA memory, which is then the plan's predicted bytes: a fraction of the
+    whole model's (old: ~1150 B/voxel with scanned taps, ~2600 unrolled). Its output is the
+    whole model's to float rounding. With less budget than it needs it does not run whole."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cryoden.models import build_model
+
+    spec, path = _small_unet3d(tmp_path)
+    shape = (32, 32, 128)  # 2 ordinary tiles along W (48-voxel margins) if it does not fit
+    d = Denoiser(path, ndim=3)
     net = d.nets[0]
-    fast = d.route(net, x.shape)
-    assert (fast.kind, len(fast.plan.tiles)) == ("tiles", 1) and fast.unrolled is not None
-    y_fast = d(x)
-    unrolled = memory.compiled_bytes(fast.unrolled)
-    scanned = memory.kernel_bytes(spec, d.dtype, (1, 16, 16, 16), "cpu")
-    assert unrolled > scanned
-    monkeypatch.setenv("CRYODEN_MEMORY_BUDGET", str((unrolled + scanned) // 2))
-    lean = d.route(net, x.shape)
-    assert (lean.kind, len(lean.plan.tiles), lean.unrolled) == ("tiles", 1, None)
-    np.testing.assert_allclose(d(x), y_fast, rtol=0, atol=1e-6 * float(np.std(y_fast)))
+    module = build_model(spec)
+    x = jax.ShapeDtypeStruct((1, *shape, 1), jnp.float32)
+    whole_model = jax.jit(lambda p, x: module.apply({"params": p}, x))
+    whole_model = whole_model.lower(net.params, x).compile()  # scanned taps, as the planner's
+    model = memory.compiled_bytes(whole_model)
+    # the planner's fit, exact at this shape (no 3D two-point measurement compiled here)
+    monkeypatch.setattr(memory, "bytes_model", lambda *a, **k: (0, model / math.prod(shape)))
+    monkeypatch.setattr(memory, "kernel_bytes", lambda s, t, b, p: model * math.prod(b) / x.size)
+    monkeypatch.setattr(memory, "call_overhead", lambda *a, **k: 0.0)
+    monkeypatch.setenv("CRYODEN_MEMORY_BUDGET", str(2 * model))
+    r = d.route(net, shape)
+    assert (r.kind, len(r.plan.tiles)) == ("tiles", 1)
+    streamed = memory.compiled_bytes(r.whole)
+    assert r.plan.predicted_bytes == streamed
+    assert streamed / math.prod(shape) < 600 and streamed < 0.5 * model
+
+    monkeypatch.setenv("CRYODEN_MEMORY_BUDGET", str((streamed + model) // 2))
+    assert len(d.plan(shape, None, None).tiles) > 1  # the whole model does not fit
+    r = d.route(net, shape)
+    assert (r.kind, len(r.plan.tiles), r.plan.tile) == ("tiles", 1, shape)
+    assert r.plan.predicted_bytes == streamed
+    xs = np.random.default_rng(1).normal(size=(1, *shape, 1)).astype(np.float32)
+    ref = np.asarray(whole_model(net.params, xs))
+    y = np.asarray(r.whole(net.params, xs))
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * float(np.std(ref)))
+    monkeypatch.setenv("CRYODEN_MEMORY_BUDGET", str(streamed - 1))
+    assert d._whole_volume(net, d.plan(shape, None, None), True) is None
