@@ -367,11 +367,11 @@ class Denoiser:
     def _whole_volume(self, net: _Net, plan: Plan, instead_of_tiles: bool):
         """A 3D U-net volume on CPU (``levelwise.STREAM_PLATFORMS``) runs whole through the
         depth-streamed blocks (:func:`levelwise.forward`: 0.1-0.3x the memory of the whole
-        model's kernel, and faster; docs/levelwise.md) when that kernel fits the budget by XLA's memory analysis
-        of it, compiled at the volume's shape: a volume with one tile, or, with
-        ``instead_of_tiles`` (the automatic level-wise route, one device), a padded volume that
-        needed tiles under the whole model's memory. -> (one-tile plan with the kernel's
-        bytes, compiled kernel) or None."""
+        model's kernel, and faster; docs/levelwise.md) when that kernel, compiled at the
+        volume's shape, fits the budget by XLA's memory analysis: a volume with one tile, or,
+        with ``instead_of_tiles`` (the automatic level-wise route, one device), a padded volume
+        that needed tiles under the whole model's memory.
+        -> (one-tile plan with the kernel's bytes, compiled kernel) or None."""
         platform = self.devices[0].platform
         if self.ndim != 3 or platform not in levelwise.STREAM_PLATFORMS:
             return None
