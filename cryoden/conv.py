@@ -9,7 +9,7 @@ with ``scripts/bench_train.py``, see docs/benchmarks.md):
 * A 3D convolution is a sum over its depth taps of 2D convolutions on ``(B * D, H, W, I)``
   slices: XLA:CPU's 2D kernels are several times faster than its 3D ones. Inference sums the
   taps one at a time (``lax.scan``, half the memory) unless traced in ``depth_taps(False)``
-  (a whole volume that fits unrolled); training unrolled (faster).
+  (the depth slabs of :mod:`cryoden.depthstream`); training unrolled (faster).
 * Convolutions to one output channel are a matrix product and a shifted sum
   (:func:`_conv_one_out`), ~4x faster.
 * Narrow images (rows under ``MOSAIC_WIDTH / 2``) are convolved side by side in one wide row

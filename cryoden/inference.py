@@ -31,8 +31,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cryoden import conv, filters, levelwise, memory, spatial, tiling, weights
-from cryoden.models import ModelSpec, build_model
+from cryoden import filters, levelwise, memory, spatial, tiling, weights
+from cryoden.models import NF, ModelSpec, build_model
 
 DEFAULT_MODEL = {2: "unet", 3: "unet-3d"}
 # 3D tiles are not exact by default (an exact margin of 159 voxels per side multiplies the cost
@@ -40,6 +40,10 @@ DEFAULT_MODEL = {2: "unet", 3: "unet-3d"}
 # leaves a mean seam error of ~0.05% of the output std (32: 0.6%, 16: 1.7%), against 14% for
 # Topaz's 96 + 48 tiles: see docs/benchmarks.md.
 DEFAULT_PADDING_3D = 48
+# Bytes per voxel that the streamed whole-volume forward holds at least (levelwise.forward): x
+# and y (float32), p1 (NF channels at 1/8 of the voxels) and dec2's output (2 NF at 1/8). A
+# volume above the budget by this bound is not compiled to be measured.
+_STREAMED_MIN_BYTES = 4 * (2 + 3 * NF / 8)
 
 
 @dataclasses.dataclass
@@ -54,7 +58,7 @@ class _Net:
     levelwise: Any = None  # levelwise.Levelwise, made on first use
     lw_plans: dict = dataclasses.field(default_factory=dict)  # (padded, budget, verify) -> plan
     spatial: dict = dataclasses.field(default_factory=dict)  # (split, budget) -> kernel | None
-    unrolled: dict = dataclasses.field(default_factory=dict)  # (shape, budget) -> compiled | None
+    whole: dict = dataclasses.field(default_factory=dict)  # batch shape -> streamed kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +105,7 @@ class Route:
     work: float | None
     levelwise: levelwise.Plan | None = None
     spatial: spatial.SpatialKernel | None = None
-    unrolled: Any = None  # 'tiles' in 3D on CPU: the faster unrolled-taps kernel, if it fits
+    whole: Any = None  # 'tiles', one 3D tile on CPU: the depth-streamed whole-volume kernel
 
     @property
     def calls(self) -> int:
@@ -352,30 +356,48 @@ class Denoiser:
             kernel = self._spatial_kernel(net, plan, lw)
             if kernel is not None:
                 return Route("spatial", plan, kernel.plan.work, spatial=kernel)
+        whole = self._whole_volume(net, plan, lw and auto and len(self.devices) == 1)
+        if whole is not None:
+            return Route("tiles", whole[0], whole[0].work, whole=whole[1])
         if lw:
             lw_plan = self._levelwise_plan(net, plan.padded)
             return Route("levelwise", plan, None, levelwise=lw_plan)
-        return Route("tiles", plan, plan.work, unrolled=self._unrolled_kernel(net, plan))
+        return Route("tiles", plan, plan.work)
 
-    def _unrolled_kernel(self, net: _Net, plan: Plan):
-        """For a whole volume (one tile) on CPU: the kernel with its depth taps unrolled
-        (10-17% faster than the default scanned sum, ~2.4x its memory;
-        :func:`cryoden.conv.depth_taps`), compiled, if it fits the budget by XLA's memory
-        analysis; else None (the scanned kernel runs). Checked once per shape and budget."""
-        if self.ndim != 3 or self.devices[0].platform != "cpu" or len(plan.tiles) > 1:
-            return None  # tiles are sized by the scanned kernel's memory
+    def _whole_volume(self, net: _Net, plan: Plan, instead_of_tiles: bool):
+        """A 3D U-net volume on CPU (``levelwise.STREAM_PLATFORMS``) runs whole through the
+        depth-streamed blocks (:func:`levelwise.forward`: 0.1-0.3x the memory of the whole
+        model's kernel, and faster; docs/levelwise.md) when that kernel, compiled at the
+        volume's shape, fits the budget by XLA's memory analysis: a volume with one tile, or,
+        with ``instead_of_tiles`` (the automatic level-wise route, one device), a padded volume
+        that needed tiles under the whole model's memory.
+        -> (one-tile plan with the kernel's bytes, compiled kernel) or None."""
+        platform = self.devices[0].platform
+        if self.ndim != 3 or platform not in levelwise.STREAM_PLATFORMS:
+            return None
+        if not levelwise.is_unet(net.spec) or not (len(plan.tiles) == 1 or instead_of_tiles):
+            return None
         budget = memory_budget(self.devices[0])
-        shape = (plan.per_call, *plan.tile)
-        key = (shape, budget)
-        if key not in net.unrolled:
+        if len(plan.tiles) > 1:
+            if math.prod(plan.padded) * _STREAMED_MIN_BYTES > budget:
+                return None  # cannot fit: not worth a compile
+            tiles = tiling.plan(plan.padded, plan.padded, 0, self.stride)
+            plan = dataclasses.replace(plan, tiles=tiles, per_call=len(self.devices))
+        c = self._whole_kernel(net, (plan.per_call, *plan.tile))
+        if memory.compiled_bytes(c) > budget:
+            return None
+        return dataclasses.replace(plan, predicted_bytes=memory.compiled_bytes(c)), c
+
+    def _whole_kernel(self, net: _Net, shape: tuple[int, ...]):
+        """The streamed whole-volume kernel for an input batch ``shape`` (B, D, H, W), compiled
+        (once per shape)."""
+        if shape not in net.whole:
             x = jax.ShapeDtypeStruct((*shape, 1), jnp.float32, sharding=self.tile_sharding)
-            module = build_model(net.spec, dtype=self.dtype)
-            with conv.depth_taps(False):
-                c = jax.jit(lambda p, x: module.apply({"params": p}, x))
-                c = c.lower(net.params, x).compile()
+            spec, dtype = net.spec, self.dtype
+            f = jax.jit(lambda p, x: levelwise.forward(spec, p, x, dtype))
+            net.whole[shape] = f.lower(net.params, x).compile()
             net.traces.append(shape)
-            net.unrolled[key] = c if memory.compiled_bytes(c) <= budget else None
-        return net.unrolled[key]
+        return net.whole[shape]
 
     def _levelwise_plan(self, net: _Net, padded, verify: bool = True) -> levelwise.Plan:
         if net.levelwise is None:
@@ -426,7 +448,7 @@ class Denoiser:
         if r.kind == "levelwise":
             return net.levelwise.run(xn, r.levelwise, progress)
         padded_shape, tiles, per_call = r.plan
-        kernel = net.kernel if r.unrolled is None else r.unrolled
+        kernel = net.kernel if r.whole is None else r.whole
         padded = np.zeros(padded_shape, np.float32)
         padded[tuple(slice(0, n) for n in xn.shape)] = xn
         out = np.empty(padded_shape, np.float32)

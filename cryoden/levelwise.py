@@ -40,7 +40,7 @@ import numpy as np
 from cryoden import depthstream, tiling
 from cryoden.conv import depth_taps
 from cryoden.memory import compiled_bytes
-from cryoden.models import NF, ConvBlock, ModelSpec, build_model, max_pool2
+from cryoden.models import NF, ConvBlock, ModelSpec, build_model, max_pool2, out_dtype
 
 # Per-call cost, in output-grid units of volume, added to each tile when comparing plans
 # (favours fewer, larger tiles among plans of nearly equal volume).
@@ -79,6 +79,19 @@ def _stage3(spec: ModelSpec, ops, x, h2):
     h = ops.block("dec2", (2 * NF, 2 * NF), (3, 3), h2, p1)
     t = spec.top_width
     return ops.block("dec1", (64, 32, 1), (t, t, t), h, x, last_activation=False)
+
+
+def forward(spec: ModelSpec, params, x, dtype, stream: bool = True):
+    """The whole U-net forward through the stage blocks (``enc1`` once): on ``stream``, 3D
+    blocks in ``STREAMED`` run over depth slabs, so a whole volume needs a slab, not a volume,
+    of each full-resolution map. x: (B, *S, 1) -> (B, *S, 1), ``S`` stride multiples."""
+    ops = _FlaxOps(params, spec.ndim, dtype, stream)
+    p1 = ops.block("enc1", (NF,), (spec.base_width,), x, pool=True)
+    h2 = _stage2(spec, ops, ops.block("enc2", (NF,), (3,), p1, pool=True))
+    h = ops.block("dec2", (2 * NF, 2 * NF), (3, 3), h2, p1)
+    t = spec.top_width
+    y = ops.block("dec1", (64, 32, 1), (t, t, t), h, x, last_activation=False)
+    return y.astype(out_dtype(dtype))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -164,10 +164,8 @@ def test_bfloat16_plan_stays_within_budget(monkeypatch):
     assert memory.kernel_bytes(d.nets[0].spec, "bfloat16", (1, *tile), "cpu") <= 120 * 2**20
 
 
-def test_whole_volume_runs_unrolled_taps_when_they_fit(tmp_path, monkeypatch):
-    """A 3D volume that runs whole uses the faster unrolled depth-tap kernel when its compiled
-    memory fits the budget (same output as the scanned sum), the scanned one when only that
-    fits: the scan's 10-17% slowdown is paid only where memory needs it."""
+def _small_unet3d(tmp_path):
+    """A random-weights 3D ``unet-small`` (Topaz's feature widths, stride 8) saved as a file."""
     import jax
     import numpy as np
 
@@ -175,25 +173,54 @@ def test_whole_volume_runs_unrolled_taps_when_they_fit(tmp_path, monkeypatch):
 
     spec = ModelSpec("unet-small", 3, 3, 3)
     rng = np.random.default_rng(0)
-    params = jax.tree.map(
+    params = jax.tree.map(  # shapes only (eval_shape): an eager 3D init takes ~30 s
         lambda a: rng.normal(scale=np.prod(a.shape[:-1]) ** -0.5, size=a.shape),
-        init_params(spec, jax.random.key(0)),
+        jax.eval_shape(lambda k: init_params(spec, k), jax.random.key(0)),
     )
     weights.save(tmp_path / "u3.npz", params, spec)
-    # the tile plan is not under test: a fit that makes the whole volume (16^3) one tile, so
-    # that its 3D two-point measurement is not compiled here
-    monkeypatch.setattr(memory, "bytes_model", lambda *a, **k: (0, 1.0))
+    return spec, str(tmp_path / "u3.npz")
+
+
+def test_whole_volume_runs_depth_streamed_kernel(tmp_path, monkeypatch):
+    """A 3D volume runs whole through the depth-streamed kernel (levelwise.forward), also one
+    whose whole-model kernel exceeds the budget (old: level-wise stages), when the streamed
+    kernel fits by its XLA memory, which is then the plan's predicted bytes: under 600 B per
+    voxel (old: the whole model, ~1150 B/voxel with scanned taps, ~2600 unrolled), with the
+    whole model's output to float rounding. With less budget than it needs it does not run
+    whole."""
+    import jax
+    import numpy as np
+
+    from cryoden.models import build_model
+
+    spec, path = _small_unet3d(tmp_path)
+    shape = (32, 32, 128)  # 2 ordinary tiles along W (48-voxel margins) if it does not fit
+    model = 1200 * math.prod(shape)  # the whole model's kernel, scanned taps (~1150 B/voxel)
+    # the planner's fit (no 3D two-point measurement compiled here)
+    monkeypatch.setattr(memory, "bytes_model", lambda *a, **k: (0, model / math.prod(shape)))
+    monkeypatch.setattr(memory, "kernel_bytes", lambda s, t, b, p: 1200 * math.prod(b))
     monkeypatch.setattr(memory, "call_overhead", lambda *a, **k: 0.0)
-    x = rng.normal(size=(13, 15, 11)).astype(np.float32)
-    d = Denoiser(str(tmp_path / "u3.npz"), ndim=3)
+    monkeypatch.setenv("CRYODEN_MEMORY_BUDGET", str(2 * model))
+    d = Denoiser(path, ndim=3)
     net = d.nets[0]
-    fast = d.route(net, x.shape)
-    assert (fast.kind, len(fast.plan.tiles)) == ("tiles", 1) and fast.unrolled is not None
-    y_fast = d(x)
-    unrolled = memory.compiled_bytes(fast.unrolled)
-    scanned = memory.kernel_bytes(spec, d.dtype, (1, 16, 16, 16), "cpu")
-    assert unrolled > scanned
-    monkeypatch.setenv("CRYODEN_MEMORY_BUDGET", str((unrolled + scanned) // 2))
-    lean = d.route(net, x.shape)
-    assert (lean.kind, len(lean.plan.tiles), lean.unrolled) == ("tiles", 1, None)
-    np.testing.assert_allclose(d(x), y_fast, rtol=0, atol=1e-6 * float(np.std(y_fast)))
+    r = d.route(net, shape)
+    assert (r.kind, len(r.plan.tiles)) == ("tiles", 1)
+    streamed = memory.compiled_bytes(r.whole)
+    assert r.plan.predicted_bytes == streamed and streamed / math.prod(shape) < 600
+
+    monkeypatch.setenv("CRYODEN_MEMORY_BUDGET", str((streamed + model) // 2))
+    assert len(d.plan(shape, None, None).tiles) > 1  # the whole model does not fit
+    r2 = d.route(net, shape)
+    assert (r2.kind, len(r2.plan.tiles), r2.plan.tile) == ("tiles", 1, shape)
+    assert r2.plan.predicted_bytes == streamed and r2.whole is r.whole
+    x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    y = d(x, normalize=True)  # runs the streamed kernel, not the whole model's
+    assert len(net.traces) == 1
+    module = build_model(spec)
+    xn = (x - np.mean(x, dtype=np.float64)) / np.std(x, dtype=np.float64, ddof=1)
+    xn = xn.astype(np.float32)[None, ..., None]  # the input normalised as Denoiser does
+    ref = jax.jit(lambda p, x: module.apply({"params": p}, x))(net.params, xn)
+    ref = np.asarray(ref)[0, ..., 0]  # the whole model's kernel
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * float(np.std(ref)))
+    monkeypatch.setenv("CRYODEN_MEMORY_BUDGET", str(streamed - 1))
+    assert d._whole_volume(net, d.plan(shape, None, None), True) is None
