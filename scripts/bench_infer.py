@@ -144,14 +144,7 @@ def worker(args) -> None:
             t = time.perf_counter()
             y = d(x, **kw)
             times.append(time.perf_counter() - t)
-        plan = d.plan(x.shape, args.patch, args.padding)
-        extra = {"first_call_s": first, "tiles": len(plan.tiles), "work": plan.work}
-        lw = getattr(d.nets[0], "levelwise", None)
-        if lw is not None:  # it ran level by level: its own work factor (FLOPs / one pass)
-            from cryoden.inference import memory_budget
-
-            budget = memory_budget(d.devices[0])
-            extra.update(path="levelwise", work=lw.work(lw.plan(plan.padded, budget)))
+        extra = {"first_call_s": first, **route_facts(d, x.shape, args.patch, args.padding)}
     else:
         import torch
 
@@ -269,22 +262,30 @@ def estimate(case, results: dict) -> dict:
     if not base:
         raise SystemExit(f"{tag}: run {ESTIMATED[tag]} first (its rate gives the estimate)")
     shape = real_shape(inp)
-    d = Denoiser(model, ndim=len(shape))
-    net = d.nets[0]
-    route = d.route(net, shape, patch, padding)  # the path the run would take
-    plan, work = route.plan, route.work
-    if route.kind == "levelwise":  # its own work factor, as the worker reports a run's
-        work = net.levelwise.work(route.levelwise)
+    facts = route_facts(Denoiser(model, ndim=len(shape)), shape, patch, padding)
     rate = math.prod(base["shape"]) * base["work"] / float(np.median(base["times"]))
-    seconds = math.prod(shape) * work / rate
+    seconds = math.prod(shape) * facts["work"] / rate
     return {
         "times": [seconds],
         "estimated": f"from {ESTIMATED[tag]}'s rate",
         "maxrss": float("nan"),
-        "tiles": len(plan.tiles),
-        "work": work,
+        **facts,
         "shape": list(shape),
     }
+
+
+def route_facts(d, shape, patch, padding) -> dict:
+    """The path a Denoiser ``d`` takes for an image of ``shape`` (``Denoiser.route``, as a run
+    routes it): ``path`` ('tiles', 'whole', 'levelwise' or 'spatial'), ``tiles`` (ordinary
+    tiles or stage calls) and ``work`` (computed volume or FLOPs per one whole pass)."""
+    net = d.nets[0]
+    route = d.route(net, tuple(shape), patch, padding)
+    work, tiles, path = route.work, len(route.plan.tiles), route.kind
+    if route.kind == "levelwise":  # its own work factor (FLOPs / one pass)
+        work, tiles = net.levelwise.work(route.levelwise), route.calls
+    elif route.kind == "tiles" and tiles == 1:
+        path = "whole"
+    return {"path": path, "tiles": tiles, "work": work}
 
 
 def run_case(case, work: Path, repeats: int) -> dict:
@@ -351,7 +352,8 @@ def table(work: Path) -> str:
             tiles = f"{patch}+{padding}" if patch else "auto"
             if "tiles" in r and not patch:
                 tiles = "whole" if r["tiles"] == 1 else f"auto: {r['tiles']} tiles"
-                tiles = "level-wise" if r.get("path") == "levelwise" else tiles
+                names = {"levelwise": f"level-wise ({r['tiles']} stage calls)", "spatial": "split"}
+                tiles = names.get(r.get("path"), tiles)
             budget = CASE_ENV.get(tag, {}).get("CRYODEN_MEMORY_BUDGET")
             tiles += f" (budget {budget})" if budget else ""
             pct = f"{100 * executed / peak:.0f}%" if peak else ""
