@@ -384,9 +384,10 @@ class Denoiser:
             tiles = tiling.plan(plan.padded, plan.padded, 0, self.stride)
             plan = dataclasses.replace(plan, tiles=tiles, per_call=len(self.devices))
         c = self._whole_kernel(net, (plan.per_call, *plan.tile))
-        if memory.compiled_bytes(c) > budget:
+        need = memory.compiled_bytes(c)
+        if need > budget:
             return None
-        return dataclasses.replace(plan, predicted_bytes=memory.compiled_bytes(c)), c
+        return dataclasses.replace(plan, predicted_bytes=need), c
 
     def _whole_kernel(self, net: _Net, shape: tuple[int, ...]):
         """The streamed whole-volume kernel for an input batch ``shape`` (B, D, H, W), compiled

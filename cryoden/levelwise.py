@@ -76,6 +76,11 @@ def _stage2(spec: ModelSpec, ops, p2):
 
 def _stage3(spec: ModelSpec, ops, x, h2):
     p1 = ops.block("enc1", (NF,), (spec.base_width,), x, pool=True)
+    return _decode_fine(spec, ops, x, p1, h2)
+
+
+def _decode_fine(spec: ModelSpec, ops, x, p1, h2):
+    """``dec2`` (up ``h2`` ++ ``p1``) and ``dec1`` (up ++ ``x``): the two finest decoder levels."""
     h = ops.block("dec2", (2 * NF, 2 * NF), (3, 3), h2, p1)
     t = spec.top_width
     return ops.block("dec1", (64, 32, 1), (t, t, t), h, x, last_activation=False)
@@ -88,10 +93,7 @@ def forward(spec: ModelSpec, params, x, dtype, stream: bool = True):
     ops = _FlaxOps(params, spec.ndim, dtype, stream)
     p1 = ops.block("enc1", (NF,), (spec.base_width,), x, pool=True)
     h2 = _stage2(spec, ops, ops.block("enc2", (NF,), (3,), p1, pool=True))
-    h = ops.block("dec2", (2 * NF, 2 * NF), (3, 3), h2, p1)
-    t = spec.top_width
-    y = ops.block("dec1", (64, 32, 1), (t, t, t), h, x, last_activation=False)
-    return y.astype(out_dtype(dtype))
+    return _decode_fine(spec, ops, x, p1, h2).astype(out_dtype(dtype))
 
 
 @dataclasses.dataclass(frozen=True)
