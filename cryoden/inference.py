@@ -44,6 +44,10 @@ DEFAULT_PADDING_3D = 48
 # and y (float32), p1 (NF channels at 1/8 of the voxels) and dec2's output (2 NF at 1/8). A
 # volume above the budget by this bound is not compiled to be measured.
 _STREAMED_MIN_BYTES = 4 * (2 + 3 * NF / 8)
+# Bytes per image pixel that ``__call__`` holds in host memory while a model runs: the image
+# (float32), its normalised copy and the output sum. Level-wise plans leave them out of the
+# stage kernels' budget where host memory is device memory (levelwise.HOST_MEMORY_PLATFORMS).
+_CALLER_BYTES_PER_PX = 12
 
 
 @dataclasses.dataclass
@@ -405,7 +409,8 @@ class Denoiser:
             net.levelwise = levelwise.Levelwise(net.spec, net.params, self.dtype, self.mesh)
         key = (padded, memory_budget(self.devices[0]), verify)
         if key not in net.lw_plans:
-            net.lw_plans[key] = net.levelwise.plan(padded, key[1], verify=verify)
+            held = _CALLER_BYTES_PER_PX * math.prod(padded)
+            net.lw_plans[key] = net.levelwise.plan(padded, key[1], verify=verify, held=held)
         return net.lw_plans[key]
 
     def _spatial_kernel(self, net: _Net, plan: Plan, lw: bool) -> spatial.SpatialKernel | None:

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cryoden import depthstream, tiling
+from cryoden import depthstream, tiling, xla_scratch
 from cryoden.conv import depth_taps
 from cryoden.memory import compiled_bytes
 from cryoden.models import NF, ConvBlock, ModelSpec, build_model, max_pool2, out_dtype
@@ -52,6 +52,9 @@ STREAMED = ("enc1", "enc2", "enc3", "dec3", "dec2", "dec1")
 STREAM_PLATFORMS = ("cpu",)
 _STREAM = [True]  # False while tracing for FLOP counts (_unscanned)
 MEASURE_SIDE = {2: {"s1": 128, "s2": 256, "s3": 512}, 3: {"s1": 32, "s2": 32, "s3": 128}}
+# Platforms whose device memory is the host's: the host maps (x, p2, h2, y) and the caller's
+# arrays share the budget with the stage kernels there.
+HOST_MEMORY_PLATFORMS = ("cpu",)
 
 
 # ------------------------------------------------------------------ stage structure
@@ -199,8 +202,11 @@ def stage_halo(spec: ModelSpec, stage: Stage) -> int:
 @dataclasses.dataclass(frozen=True)
 class StagePlan:
     """Tiles of one stage on its output grid ``grid``: tile shape ``tile``, ``calls`` kernel
-    calls of ``batch`` tiles each; ``flops`` executed; ``bytes``: per-device memory of the
-    kernel (XLA's memory analysis; scaled from a smaller tile when the plan was not verified)."""
+    calls of ``batch`` tiles each; ``flops`` executed; ``bytes``: per-device memory of a call
+    (:meth:`Levelwise.kernel_bytes`; scaled from a smaller tile when the plan was not
+    verified); ``host``: bytes of the arrays held meanwhile in the same memory (host maps and
+    the caller's arrays, :meth:`Levelwise.host_bytes`; 0 where the device has its own).
+    ``bytes + host`` is within the planning budget unless no tile fits."""
 
     stage: Stage
     grid: tuple[int, ...]
@@ -210,6 +216,7 @@ class StagePlan:
     batch: int
     flops: float
     bytes: float
+    host: float = 0.0
 
     @property
     def calls(self) -> int:
@@ -282,7 +289,7 @@ class Levelwise:
             c = self.compiled(stage, tile)
             # memory and cost analyses are per device, i.e. per tile
             vol = math.prod(tile)
-            _MEASURED[key] = (compiled_bytes(c) / vol, self._flops(stage, tile) / vol)
+            _MEASURED[key] = (self.kernel_bytes(c) / vol, self._flops(stage, tile) / vol)
         return _MEASURED[key]
 
     def whole_flops_per_px(self, shape: tuple[int, ...] | None = None) -> float:
@@ -308,17 +315,25 @@ class Levelwise:
         budget: int,
         tiles: dict[str, tuple[int, ...]] | None = None,
         verify: bool = True,
+        held: int = 0,
     ) -> Plan:
         """Plan a padded image (each side a multiple of the stride) under ``budget`` bytes per
         device. tiles: optional output-grid tile shape per stage name (tests, benchmarks);
         verify: compile the chosen kernels and shrink a tile whose measured memory exceeds the
-        budget (planning only for a report: False)."""
+        budget (planning only for a report: False); held: bytes the caller holds in host memory
+        during the run (its image, output...). Where host memory is device memory
+        (``HOST_MEMORY_PLATFORMS``) each stage's kernel gets the budget less the host maps alive
+        during it and ``held``."""
         if any(n % self.spec.stride for n in padded):
             raise ValueError(f"shape {padded} is not a multiple of the stride {self.spec.stride}")
         plans = []
-        for st in self.stages:
+        for i, st in enumerate(self.stages):
             grid = tuple(n >> st.out_scale for n in padded)
             halo = self.halos[st.name]
+            host = 0
+            if self.platform in HOST_MEMORY_PLATFORMS:
+                host = self.host_bytes(padded, i) + held
+            avail = budget - host
             if tiles and st.name in tiles:
                 least = tiling.round_up(2 * halo + st.align, st.align)  # smallest valid tile
                 tile = tuple(
@@ -326,21 +341,44 @@ class Levelwise:
                     for t, n in zip(tiles[st.name], grid, strict=True)
                 )
                 c = self.compiled(st, tile)
-                bpu = compiled_bytes(c) / math.prod(tile)
+                bpu = self.kernel_bytes(c) / math.prod(tile)
                 fpu = self._flops(st, tile) / math.prod(tile)
             else:
                 bpu, fpu = self._per_unit(st, grid)
-                tile = _best_tile(grid, halo, st.align, budget / bpu, self.n_dev)
+                tile = _best_tile(grid, halo, st.align, max(avail, 0) / bpu, self.n_dev)
                 if verify:
-                    tile = self._fit(st, grid, tile, budget)
-                    bpu = compiled_bytes(self.compiled(st, tile)) / math.prod(tile)
+                    tile = self._fit(st, grid, tile, avail)
+                    bpu = self.kernel_bytes(self.compiled(st, tile)) / math.prod(tile)
                 fpu = self._flops(st, tile) / math.prod(tile)  # at the tile itself
             tl = tuple(tiling.plan(grid, tile, halo, st.align))
             flops = -(-len(tl) // self.n_dev) * self.n_dev * math.prod(tile) * fpu
-            plans.append(
-                StagePlan(st, grid, tile, halo, tl, self.n_dev, flops, bpu * math.prod(tile))
-            )
+            used = bpu * math.prod(tile)
+            plans.append(StagePlan(st, grid, tile, halo, tl, self.n_dev, flops, used, host))
         return Plan(tuple(padded), tuple(plans))
+
+    def kernel_bytes(self, compiled) -> int:
+        """Per-device bytes of one call of a compiled stage kernel as :meth:`run` makes it:
+        XLA's memory analysis (arguments, output, temporaries), plus the next call's arguments
+        and the previous call's output (``_run_stage`` prepares call k+1 while k runs), plus on
+        CPU what the run allocates outside the analysis: YNNPACK's convolution scratch
+        (:func:`xla_scratch.conv_scratch_bytes`) and the NumPy batch each argument is copied
+        from."""
+        ma = compiled.memory_analysis()
+        used = compiled_bytes(compiled) + ma.argument_size_in_bytes + ma.output_size_in_bytes
+        if self.platform in HOST_MEMORY_PLATFORMS:
+            used += xla_scratch.conv_scratch_bytes(compiled) + ma.argument_size_in_bytes
+        return int(used)
+
+    def host_bytes(self, padded: tuple[int, ...], i: int) -> int:
+        """Bytes of the host maps :meth:`run` holds while stage ``i`` runs on a ``padded``
+        image: ``x`` and earlier outputs still needed by stage ``i`` or later, and stage ``i``'s
+        output (float32; 2D: 4, 12, 24, 4 B per image px for x, p2, h2, y)."""
+        size = {"x": 4 * math.prod(padded)}
+        for st in self.stages:
+            size[st.out[0]] = 4 * st.out[1] * math.prod(n >> st.out_scale for n in padded)
+        needed = {m for st in self.stages[i:] for m, _, _ in st.inputs}
+        alive = ({"x"} | {st.out[0] for st in self.stages[:i]}) & needed
+        return sum(size[m] for m in alive | {self.stages[i].out[0]})
 
     def _fit(self, st: Stage, grid, tile, budget: int) -> tuple[int, ...]:
         """Compile ``tile``, re-plan with the bytes per unit measured at that shape, repeat
@@ -351,14 +389,14 @@ class Levelwise:
             if tile in tried:
                 break
             tried.add(tile)
-            used = compiled_bytes(self.compiled(st, tile))
+            used = self.kernel_bytes(self.compiled(st, tile))
             if used <= budget:
                 work = _work(grid, tile, halo, st.align, self.n_dev)
                 if best is None or work < best[0]:
                     best = (work, tile)
             slack = 1.0 if used <= budget else 0.97
             tile = _best_tile(
-                grid, halo, st.align, slack * budget * math.prod(tile) / used, self.n_dev
+                grid, halo, st.align, slack * max(budget, 0) * math.prod(tile) / used, self.n_dev
             )
         return best[1] if best else tile
 
