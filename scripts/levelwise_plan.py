@@ -52,7 +52,7 @@ def main() -> None:
     os.environ["CRYODEN_MEMORY_BUDGET"] = args.budget
 
     from cryoden import levelwise, tiling
-    from cryoden.inference import Denoiser, memory_budget
+    from cryoden.inference import Denoiser
 
     if args.unstreamed:
         levelwise.STREAMED = ()
@@ -63,10 +63,9 @@ def main() -> None:
     for model, shape in cases:
         d = Denoiser(model, ndim=len(shape))
         net = d.nets[0]
-        budget = memory_budget(d.devices[0])
-        lw = levelwise.Levelwise(net.spec, net.params, d.dtype, d.mesh)
         padded, tiles, _ = d.plan(shape, None, None)
-        plan = lw.plan(padded, budget)
+        plan = d._levelwise_plan(net, padded)  # as a run plans it (host arrays counted on CPU)
+        lw = net.levelwise
         print(f"{model} {'x'.join(map(str, shape))}, budget {args.budget}:")
         whole = lw.whole_flops_per_px(padded) * math.prod(padded)
         excess = []
@@ -76,7 +75,8 @@ def main() -> None:
             excess.append((sp.stage.name, ideal, sp.flops - ideal))
             print(
                 f"  {sp.stage.name}: grid {sp.grid} tile {sp.tile} halo {sp.halo} "
-                f"x{len(sp.tiles)} tiles, ~{sp.bytes / 2**30:.2f} GiB, "
+                f"x{len(sp.tiles)} tiles, ~{sp.bytes / 2**30:.2f} GiB + host "
+                f"{sp.host / 2**30:.2f} GiB, "
                 f"{sp.flops / 1e12:.2f} TFLOP ({sp.flops / whole:.3f} of a whole pass; "
                 f"tiles x{executed / math.prod(sp.grid):.3f} of its grid)"
             )
