@@ -45,9 +45,11 @@ DEFAULT_PADDING_3D = 48
 # volume above the budget by this bound is not compiled to be measured.
 _STREAMED_MIN_BYTES = 4 * (2 + 3 * NF / 8)
 # Bytes per image pixel that ``__call__`` holds in host memory while a model runs: the image
-# (float32), its normalised copy and the output sum. Level-wise plans leave them out of the
-# stage kernels' budget where host memory is device memory (levelwise.HOST_MEMORY_PLATFORMS).
-_CALLER_BYTES_PER_PX = 12
+# (float32) and its normalised copy, plus the output sum while a second or later model runs.
+# Level-wise plans leave them out of the stage kernels' budget where host memory is device
+# memory (levelwise.HOST_MEMORY_PLATFORMS).
+_CALLER_BYTES_PER_PX = 8
+_SUM_BYTES_PER_PX = 4
 
 
 @dataclasses.dataclass
@@ -248,16 +250,22 @@ class Denoiser:
         xn = _affine(x, 1 / std, -mean / std)
         if gaussian > 0 and self.ndim == 2:
             xn = filters.gaussian(xn, gaussian)
-        y = np.zeros(x.shape, np.float32)
+        y = None  # the first model's output is the sum: no third image-sized array meanwhile
         for net in self.nets:
             if topaz_compat:
-                y += self._run_whole(net, xn)
+                r = self._run_whole(net, xn)
             else:
-                y += self._run_tiled(net, xn, patch_size, padding, batch_size, progress, levelwise)
-        y /= len(self.nets)
+                r = self._run_tiled(net, xn, patch_size, padding, batch_size, progress, levelwise)
+            if y is None:
+                y = r
+            else:
+                y = _writable(y)
+                y += r
+        if len(self.nets) > 1:
+            y /= len(self.nets)
         if gaussian > 0 and self.ndim == 3:
             y = filters.gaussian(y, gaussian)
-        return y if normalize else _affine(y, std, mean)
+        return _writable(y) if normalize else _affine(y, std, mean)
 
     # ------------------------------------------------------------------ execution
 
@@ -409,7 +417,8 @@ class Denoiser:
             net.levelwise = levelwise.Levelwise(net.spec, net.params, self.dtype, self.mesh)
         key = (padded, memory_budget(self.devices[0]), verify)
         if key not in net.lw_plans:
-            held = _CALLER_BYTES_PER_PX * math.prod(padded)
+            per_px = _CALLER_BYTES_PER_PX + _SUM_BYTES_PER_PX * (len(self.nets) > 1)
+            held = per_px * math.prod(padded)
             net.lw_plans[key] = net.levelwise.plan(padded, key[1], verify=verify, held=held)
         return net.lw_plans[key]
 
@@ -504,6 +513,14 @@ def denoise(
     return Denoiser(model, ndim=x.ndim, dtype=dtype, devices=devices)(x, **kwargs)
 
 
+def _writable(y: np.ndarray) -> np.ndarray:
+    """``y`` itself if it is a writable float32 array owning or sharing a C-contiguous buffer,
+    else a copy (a kernel's read-only result, a cropped view of a padded map)."""
+    if y.flags.writeable and y.flags.c_contiguous and y.dtype == np.float32:
+        return y
+    return np.array(y, np.float32, order="C")
+
+
 def _affine(x: np.ndarray, scale: float, offset: float) -> np.ndarray:
     """``x * scale + offset`` in float64, rounded once to float32; x: any shape -> float32, same.
 
@@ -515,13 +532,23 @@ def _affine(x: np.ndarray, scale: float, offset: float) -> np.ndarray:
     cache: as fast as the float32 expression, with no full-size temporaries.
     """
     out = np.empty(x.shape, np.float32)
+    buf = np.empty(max(1, min(x.size, 1 << 16)), np.float64)
+    _affine_into(x, out, scale, offset, buf)
+    return out
+
+
+def _affine_into(x, out, scale, offset, buf) -> None:
+    """:func:`_affine` into ``out`` (C-contiguous, x's shape). A non-contiguous ``x`` (e.g. a
+    cropped view of a padded output) goes slice by slice along its first axis, so that no
+    full-size contiguous copy of it is made."""
+    if x.ndim > 1 and not x.flags.c_contiguous:
+        for i in range(x.shape[0]):
+            _affine_into(x[i], out[i], scale, offset, buf)
+        return
     src, dst = np.ravel(x), out.reshape(-1)
-    chunk = 1 << 16
-    buf = np.empty(min(src.size, chunk), np.float64)
-    for i in range(0, src.size, chunk):
-        part = src[i : i + chunk]
+    for i in range(0, src.size, buf.size):
+        part = src[i : i + buf.size]
         b = buf[: part.size]
         np.multiply(part, scale, out=b, dtype=np.float64)
         np.add(b, offset, out=b)
-        dst[i : i + chunk] = b
-    return out
+        dst[i : i + buf.size] = b

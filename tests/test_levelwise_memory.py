@@ -17,9 +17,9 @@ from cryoden import levelwise, memory, tiling, xla_scratch
 from cryoden.inference import Denoiser
 
 # Per padded image px (float32): x 4, p2 48 ch / 16 = 12, h2 96 ch / 16 = 24, y 4; the caller
-# (Denoiser.__call__) holds the image, its normalised copy and the output sum: 12.
+# (Denoiser.__call__) holds the image and its normalised copy (one model): 8.
 HOST_MAPS = {"s1": 4 + 12, "s2": 4 + 12 + 24, "s3": 4 + 24 + 4}
-CALLER = 12
+CALLER = 8  # one model: no separate output sum
 
 
 def _largest_conv_input(stage: str, tile: tuple[int, ...]) -> int:
@@ -82,3 +82,39 @@ def test_conv_scratch_is_the_largest_convolution_operand():
     s3 = lw.stages[2]
     # S3's largest: dec1's 64-channel full-resolution map, the input of its 64 -> 32 conv
     assert xla_scratch.conv_scratch_bytes(lw.compiled(s3, (64, 96))) == 4 * 64 * 64 * 96
+
+
+def test_affine_of_a_cropped_view_equals_the_contiguous_result_bitwise():
+    """The restore step reads the level-wise output as a cropped view of its padded map: slice
+    by slice (no full-size copy), with the same numbers as from a contiguous array."""
+    from cryoden.inference import _affine
+
+    rng = np.random.default_rng(3)
+    for shape in [(70, 90, 1), (9, 33, 40, 1)]:
+        padded = rng.normal(size=shape).astype(np.float32)
+        view = padded[(slice(0, shape[0] - 3), slice(1, shape[1] - 2)) + (Ellipsis, 0)]
+        assert not view.flags.c_contiguous
+        got = _affine(view, 3.7, -12.25)
+        np.testing.assert_array_equal(got, _affine(np.ascontiguousarray(view), 3.7, -12.25))
+        np.testing.assert_allclose(got, view.astype(np.float64) * 3.7 - 12.25, rtol=1e-6)
+
+
+def test_one_model_needs_no_output_sum_and_returns_its_own_array(monkeypatch):
+    """One model's output is the sum itself (4 B per px less held during the run): a model
+    averaged with itself gives the same numbers bitwise, and every result is a writable
+    C-contiguous float32 array (also a level-wise run's, which is a view of a padded map)."""
+    x = np.random.default_rng(4).normal(10, 2, size=(37, 45)).astype(np.float32)
+    one, two = Denoiser("affine", ndim=2), Denoiser(["affine", "affine"], ndim=2)
+    for kw in [{}, {"normalize": True}, {"topaz_compat": True, "normalize": True}]:
+        y1, y2 = one(x, **kw), two(x, **kw)
+        np.testing.assert_array_equal(y1, y2)
+        for y in (y1, y2):
+            assert y.flags.writeable and y.flags.c_contiguous and y.dtype == np.float32
+    monkeypatch.setenv("CRYODEN_MEMORY_BUDGET", str(64 * 2**20))
+    unet = Denoiser("unet", ndim=2)
+    y = unet(x, normalize=True, levelwise=True)
+    assert y.shape == x.shape and y.flags.writeable and y.flags.c_contiguous
+    net = unet.nets[0]
+    padded = tuple(tiling.round_up(n, unet.stride) for n in x.shape)
+    plan = unet._levelwise_plan(net, padded)
+    assert all(sp.host >= CALLER * math.prod(padded) for sp in plan.stages)
