@@ -282,7 +282,7 @@ def _mrc_layout(f) -> MrcLayout:
     h = np.frombuffer(bytearray(raw), mrcfile.dtypes.HEADER_DTYPE).reshape(()).view(np.recarray)
     if bytes(h.map)[:3] != b"MAP":
         raise ValueError("not an MRC file (no 'MAP' stamp at byte 208)")
-    h.dtype = h.dtype.newbyteorder(mrcfile.utils.byte_order_from_machine_stamp(h.machst))
+    h = h.view(h.dtype.newbyteorder(mrcfile.utils.byte_order_from_machine_stamp(h.machst)))
     mode = int(h.mode)
     if mode not in _MRC_MODES:
         what = f"{_MRC_MODE_NAMES[mode]} data is not an image; " if mode in _MRC_MODE_NAMES else ""

@@ -9,6 +9,7 @@ Quiet: errors only.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +17,19 @@ from collections.abc import Callable
 from tqdm import tqdm
 
 PLAIN_EVERY = 30.0  # s between progress lines in a log
+
+
+class StderrHandler(logging.StreamHandler):
+    """Log to whatever ``sys.stderr`` is when a record is written (not when created), so that a
+    command run twice in one process (tests, notebooks) never writes to a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 class Progress:

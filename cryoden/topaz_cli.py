@@ -432,6 +432,7 @@ def _train(args) -> str:
 
     import cryoden
     from cryoden import weights
+    from cryoden.progress import StderrHandler
     from cryoden.train import checkpoint, loop
 
     try:
@@ -445,7 +446,7 @@ def _train(args) -> str:
     logger = logging.getLogger("cryoden")
     logger.setLevel(logging.INFO)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StderrHandler()  # not bound to this call's sys.stderr
         handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False

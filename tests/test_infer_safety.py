@@ -331,6 +331,8 @@ def test_infer_removes_stale_temporaries_of_its_output_folder(tmp_path, model, c
 DRIVER = """
 import os, signal, sys, time
 from cryoden import infer, io, tiling
+# as in a terminal: a shell starts background jobs (`pytest ... &`) with SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 write, calls = io._write_mrc, []
 def interrupted_write(tmp, *a):  # the second file is interrupted while it is written
     write(tmp, *a)

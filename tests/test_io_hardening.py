@@ -7,6 +7,7 @@ import re
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 
 import mrcfile
@@ -198,7 +199,9 @@ def test_big_endian_mrc_reads_like_mrcfile(tmp_path, dtype):
     payload = raw[1024 : 1024 + 96] + data.astype(np.dtype(dtype).newbyteorder(">")).tobytes()
     be = tmp_path / "be.mrc"
     be.write_bytes(h.tobytes() + payload)
-    img = io.read(be)
+    with warnings.catch_warnings():  # numpy >= 2.5 deprecates setting an array's dtype
+        warnings.simplefilter("error")
+        img = io.read(be)
     assert img.data.dtype == np.dtype(dtype) and img.data.dtype.isnative
     np.testing.assert_array_equal(img.data, data)
     with mrcfile.open(be, permissive=False) as m:

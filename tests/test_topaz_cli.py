@@ -4,7 +4,9 @@ filters it defines, training under its model names, and one-line refusals."""
 
 from __future__ import annotations
 
+import contextlib
 import io as bytesio
+import logging
 import os
 import re
 import subprocess
@@ -412,9 +414,10 @@ def _halves(root: Path, n=3, size=64, seed=0):
             new_mrc(root / d / f"m{i}.mrc", noisy)
 
 
-def test_training_saves_topaz_names_that_model_reads(tmp_path, small, capsys):
+def test_training_saves_topaz_names_that_model_reads(tmp_path, small, capsys, monkeypatch):
     """RELION's training wrapper command (run_topaz_train_denoise.py), tiny: models land in
     <prefix>_epoch<N>.sav in cryoden's format, and --model reads them."""
+    monkeypatch.setattr(logging.getLogger("cryoden"), "handlers", [])  # as in a new process
     _halves(tmp_path)
     prefix = tmp_path / "job" / "denoise_model"
     (tmp_path / "job").mkdir()
@@ -453,6 +456,11 @@ def test_training_saves_topaz_names_that_model_reads(tmp_path, small, capsys):
     assert foreign.read_bytes() == b"someone's Topaz model"
     foreign.unlink()
     assert run(*train)[0] == 0
+    # its log goes to whatever sys.stderr is later, not to this call's captured (then closed)
+    # stream: a later in-process run (cryoden train) would print "--- Logging error ---"
+    with contextlib.redirect_stderr(bytesio.StringIO()) as later:
+        logging.getLogger("cryoden").info("probe")
+    assert later.getvalue() == f"{topaz_cli.PROG}: probe\n"
     savs = sorted(p.name for p in (tmp_path / "job").glob("*.sav"))
     assert savs == ["denoise_model_epoch1.sav", "denoise_model_epoch2.sav"]
     sav = Path(f"{prefix}_epoch2.sav")

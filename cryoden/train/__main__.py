@@ -228,13 +228,14 @@ def main(args: argparse.Namespace) -> int:
     runtime.setup(cache=True)  # persistent compilation cache: resumes do not recompile
     import jax
 
+    from cryoden.progress import StderrHandler
     from cryoden.train import checkpoint, config, loop
 
     logger = logging.getLogger("cryoden")  # own handler: orbax/absl take over the root logger
     logger.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     logger.propagate = False
-    if not any(isinstance(h, _Stderr) for h in logger.handlers):
-        handler = _Stderr()
+    if not any(isinstance(h, StderrHandler) for h in logger.handlers):
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     try:
@@ -256,18 +257,6 @@ def main(args: argparse.Namespace) -> int:
         )
         return 130
     return 130 if result["interrupted"] else 0
-
-
-class _Stderr(logging.StreamHandler):
-    """Log to whatever ``sys.stderr`` is when a record is written (not when created)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
 
 
 def _one_line(e: BaseException) -> str:
