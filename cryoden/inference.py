@@ -44,11 +44,12 @@ DEFAULT_PADDING_3D = 48
 # and y (float32), p1 (NF channels at 1/8 of the voxels) and dec2's output (2 NF at 1/8). A
 # volume above the budget by this bound is not compiled to be measured.
 _STREAMED_MIN_BYTES = 4 * (2 + 3 * NF / 8)
-# Bytes per image pixel that ``__call__`` holds in host memory while a model runs: the image
-# (float32) and its normalised copy, plus the output sum while a second or later model runs.
-# Level-wise plans leave them out of the stage kernels' budget where host memory is device
-# memory (levelwise.HOST_MEMORY_PLATFORMS).
-_CALLER_BYTES_PER_PX = 8
+# Bytes per image pixel that ``__call__`` holds in host memory while a model runs besides the
+# level-wise maps: the image (float32; its normalised, zero-padded copy is the level-wise ``x``
+# map itself), plus the output sum while a second or later model runs. Level-wise plans leave
+# them out of the stage kernels' budget where host memory is device memory
+# (levelwise.HOST_MEMORY_PLATFORMS).
+_CALLER_BYTES_PER_PX = 4
 _SUM_BYTES_PER_PX = 4
 
 
@@ -247,15 +248,21 @@ class Denoiser:
         std = float(np.std(x, dtype=np.float64, ddof=1)) if x.size > 1 else 0.0
         if not std > 0 or not math.isfinite(std):  # constant image: nothing to denoise
             return np.full(x.shape, 0.0 if normalize else mean, np.float32)
-        xn = _affine(x, 1 / std, -mean / std)
+        # the normalised image, written zero-padded to the stride once: the tiles and the
+        # level-wise maps read it as is (no second padded copy held during the run)
+        xpad = np.zeros(tuple(tiling.round_up(n, self.stride) for n in x.shape), np.float32)
+        xn = xpad[tuple(slice(0, n) for n in x.shape)]
+        _affine_into(x, xn, 1 / std, -mean / std)
         if gaussian > 0 and self.ndim == 2:
-            xn = filters.gaussian(xn, gaussian)
+            xn[...] = filters.gaussian(xn, gaussian)
         y = None  # the first model's output is the sum: no third image-sized array meanwhile
         for net in self.nets:
             if topaz_compat:
                 r = self._run_whole(net, xn)
             else:
-                r = self._run_tiled(net, xn, patch_size, padding, batch_size, progress, levelwise)
+                r = self._run_tiled(
+                    net, xpad, xn.shape, patch_size, padding, batch_size, progress, levelwise
+                )
             if y is None:
                 y = r
             else:
@@ -449,23 +456,27 @@ class Denoiser:
         return cache[key]
 
     def _run_tiled(
-        self, net, xn, patch_size, padding, batch_size, progress, use_levelwise=None
+        self, net, xpad, shape, patch_size, padding, batch_size, progress, use_levelwise=None
     ) -> np.ndarray:
-        """Zero-pad to the stride, run tile batches through the kernel, crop. xn: (*S) -> (*S).
-        U-nets whose padded image needs tiles go level by level instead (exact at any size), or
-        split spatially over several devices (:meth:`route`)."""
-        r = self.route(net, xn.shape, patch_size, padding, batch_size, use_levelwise)
+        """Run tile batches through the kernel, crop. xpad: the normalised image of ``shape``
+        (*S), zero-padded to the stride (read, not written) -> (*S). U-nets whose padded image
+        needs tiles go level by level instead (exact at any size), or split spatially over
+        several devices (:meth:`route`)."""
+        xn = xpad[tuple(slice(0, n) for n in shape)]
+        r = self.route(net, shape, patch_size, padding, batch_size, use_levelwise)
         if r.kind == "spatial":
             y = r.spatial(xn)
             if progress:
                 progress(1, 1)
             return y
         if r.kind == "levelwise":
-            return net.levelwise.run(xn, r.levelwise, progress)
+            return net.levelwise.run(xn, r.levelwise, progress, padded=xpad)
         padded_shape, tiles, per_call = r.plan
         kernel = net.kernel if r.whole is None else r.whole
-        padded = np.zeros(padded_shape, np.float32)
-        padded[tuple(slice(0, n) for n in xn.shape)] = xn
+        padded = xpad
+        if padded.shape != tuple(padded_shape):
+            padded = np.zeros(padded_shape, np.float32)
+            padded[tuple(slice(0, n) for n in xn.shape)] = xn
         out = np.empty(padded_shape, np.float32)
         shape = (per_call, *tiling.tile_shape(tiles), 1)
         groups = [tiles[i : i + per_call] for i in range(0, len(tiles), per_call)]
@@ -532,16 +543,17 @@ def _affine(x: np.ndarray, scale: float, offset: float) -> np.ndarray:
     cache: as fast as the float32 expression, with no full-size temporaries.
     """
     out = np.empty(x.shape, np.float32)
-    buf = np.empty(max(1, min(x.size, 1 << 16)), np.float64)
-    _affine_into(x, out, scale, offset, buf)
+    _affine_into(x, out, scale, offset)
     return out
 
 
-def _affine_into(x, out, scale, offset, buf) -> None:
-    """:func:`_affine` into ``out`` (C-contiguous, x's shape). A non-contiguous ``x`` (e.g. a
-    cropped view of a padded output) goes slice by slice along its first axis, so that no
-    full-size contiguous copy of it is made."""
-    if x.ndim > 1 and not x.flags.c_contiguous:
+def _affine_into(x, out, scale, offset, buf=None) -> None:
+    """:func:`_affine` written into ``out`` (float32, x's shape; may be a view, e.g. the crop
+    of a zero-padded array). A non-contiguous ``x`` or ``out`` (a cropped view) goes slice by
+    slice along the first axis, so that no full-size contiguous copy is made."""
+    if buf is None:
+        buf = np.empty(max(1, min(x.size, 1 << 16)), np.float64)
+    if x.ndim > 1 and not (x.flags.c_contiguous and out.flags.c_contiguous):
         for i in range(x.shape[0]):
             _affine_into(x[i], out[i], scale, offset, buf)
         return

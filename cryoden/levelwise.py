@@ -410,11 +410,20 @@ class Levelwise:
     # -- execution
 
     def run(
-        self, xn: np.ndarray, plan: Plan, progress: Callable[[int, int], None] | None = None
+        self,
+        xn: np.ndarray,
+        plan: Plan,
+        progress: Callable[[int, int], None] | None = None,
+        padded: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Denoise the normalised ``xn: (*S)`` (zero-padded here to ``plan.padded``) -> (*S)."""
-        maps = {"x": np.zeros((*plan.padded, 1), np.float32)}
-        maps["x"][tuple(slice(0, n) for n in xn.shape)] = xn[..., None]
+        """Denoise the normalised ``xn: (*S)`` (zero-padded here to ``plan.padded``) -> (*S).
+        padded: optionally the caller's zero-padded copy ``(*plan.padded)`` whose crop is
+        ``xn``, read as the ``x`` map (not written): no second copy is made."""
+        if padded is not None and padded.shape == tuple(plan.padded) and padded.flags.c_contiguous:
+            maps = {"x": padded[..., None]}
+        else:
+            maps = {"x": np.zeros((*plan.padded, 1), np.float32)}
+            maps["x"][tuple(slice(0, n) for n in xn.shape)] = xn[..., None]
         total = sum(p.calls for p in plan.stages)
         done = 0
         for i, sp in enumerate(plan.stages):

@@ -150,7 +150,7 @@ def test_3d_default_goes_levelwise_instead_of_approximate_tiles(monkeypatch):
         levelwise.Levelwise, "plan", lambda self, padded, budget, **kw: calls.append(padded)
     )
     monkeypatch.setattr(
-        levelwise.Levelwise, "run", lambda self, xn, plan, progress=None: np.zeros_like(xn)
+        levelwise.Levelwise, "run", lambda self, xn, plan, *a, **kw: np.zeros_like(xn)
     )
     monkeypatch.setenv("CRYODEN_MEMORY_BUDGET", "64M")
     d = Denoiser("unet-3d", ndim=3)

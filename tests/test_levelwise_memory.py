@@ -16,10 +16,11 @@ import numpy as np
 from cryoden import levelwise, memory, tiling, xla_scratch
 from cryoden.inference import Denoiser
 
-# Per padded image px (float32): x 4, p2 48 ch / 16 = 12, h2 96 ch / 16 = 24, y 4; the caller
-# (Denoiser.__call__) holds the image and its normalised copy (one model): 8.
+# Per padded image px (float32): x 4 (the caller's normalised, zero-padded image itself),
+# p2 48 ch / 16 = 12, h2 96 ch / 16 = 24, y 4; the caller (Denoiser.__call__) also holds its
+# input image: 4 (one model: no separate output sum).
 HOST_MAPS = {"s1": 4 + 12, "s2": 4 + 12 + 24, "s3": 4 + 24 + 4}
-CALLER = 8  # one model: no separate output sum
+CALLER = 4
 
 
 def _largest_conv_input(stage: str, tile: tuple[int, ...]) -> int:
@@ -100,7 +101,8 @@ def test_affine_of_a_cropped_view_equals_the_contiguous_result_bitwise():
 
 
 def test_one_model_needs_no_output_sum_and_returns_its_own_array(monkeypatch):
-    """One model's output is the sum itself (4 B per px less held during the run): a model
+    """One model's output is the sum itself (4 B per px less held during the run), and the
+    normalised image is written zero-padded once and read as the level-wise ``x`` map: a model
     averaged with itself gives the same numbers bitwise, and every result is a writable
     C-contiguous float32 array (also a level-wise run's, which is a view of a padded map)."""
     x = np.random.default_rng(4).normal(10, 2, size=(37, 45)).astype(np.float32)
@@ -118,3 +120,30 @@ def test_one_model_needs_no_output_sum_and_returns_its_own_array(monkeypatch):
     padded = tuple(tiling.round_up(n, unet.stride) for n in x.shape)
     plan = unet._levelwise_plan(net, padded)
     assert all(sp.host >= CALLER * math.prod(padded) for sp in plan.stages)
+
+
+def test_level_wise_run_reads_the_callers_padded_image_without_copying_it():
+    """``Levelwise.run(..., padded=xpad)`` uses the caller's zero-padded normalised image as its
+    ``x`` map: the same output as padding a copy, and the caller's array is left unchanged."""
+    d = Denoiser("unet", ndim=2)
+    net = d.nets[0]
+    xn = np.random.default_rng(5).normal(size=(45, 70)).astype(np.float32)
+    padded = tuple(tiling.round_up(n, d.stride) for n in xn.shape)
+    xpad = np.zeros(padded, np.float32)
+    xpad[: xn.shape[0], : xn.shape[1]] = xn
+    keep = xpad.copy()
+    lw = levelwise.Levelwise(net.spec, net.params, d.dtype, d.mesh)
+    plan = lw.plan(padded, 2**30, tiles={"s1": (16, 16), "s2": (16, 16), "s3": (32, 32)})
+    seen = []
+    real = lw._run_stage
+
+    def spy(sp, maps, out, step):
+        seen.append(np.shares_memory(maps["x"], xpad))
+        return real(sp, maps, out, step)
+
+    lw._run_stage = spy
+    got = lw.run(xpad[: xn.shape[0], : xn.shape[1]], plan, padded=xpad)
+    assert seen and all(seen)
+    np.testing.assert_array_equal(xpad, keep)
+    lw._run_stage = real
+    np.testing.assert_array_equal(got, lw.run(xn, plan))
